@@ -1,0 +1,12 @@
+//! The paged KV cache: where each (layer, block, token, head) lives in bytes, the pool that
+//! hands out blocks, and the memory planner that turns a byte budget into a block count.
+
+pub mod block_pool;
+pub mod layout;
+pub mod paged;
+pub mod planner;
+
+pub use block_pool::{BlockPool, BlockTable};
+pub use layout::{CacheLayout, LayerPlacement, RegionLayout};
+pub use paged::PagedKvCache;
+pub use planner::MemoryPlan;

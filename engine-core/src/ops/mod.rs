@@ -1,0 +1,3 @@
+//! CPU numeric kernels shared by codecs and the model.
+
+pub mod hadamard;
