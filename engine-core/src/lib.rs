@@ -8,12 +8,18 @@
 pub mod attention;
 pub mod backend;
 pub mod cache;
+pub mod chat;
 pub mod codec;
 pub mod config;
 pub mod dtype;
+pub mod engine;
 pub mod error;
+pub mod loader;
+pub mod model;
 pub mod model_spec;
 pub mod ops;
+pub mod plan;
+pub mod sampling;
 pub mod testing;
 
 pub use backend::{AttentionBackend, BackendRegistration};

@@ -1,0 +1,166 @@
+//! Reading Llama weights from a GGUF file (or, through [`WeightSource`], any other container)
+//! into the model's f32 tensors.
+
+use std::path::Path;
+
+use super::llama::{LlamaLayer, LlamaModel};
+use crate::error::KvqError;
+use crate::loader::GgufTensors;
+use crate::model_spec::ModelSpec;
+use crate::ops::linear::Linear;
+
+/// Logical Llama tensors, independent of a file format's naming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LlamaTensor {
+    Embed,
+    FinalNorm,
+    LmHead,
+    AttnNorm(usize),
+    Q(usize),
+    K(usize),
+    V(usize),
+    O(usize),
+    FfnNorm(usize),
+    Gate(usize),
+    Up(usize),
+    Down(usize),
+}
+
+/// A container of model weights.
+pub trait WeightSource {
+    /// The tensor as f32, row-major with the output dimension first (`[out, in]`), with Q and K
+    /// rows in the HF ("rotate half") order; `Ok(None)` when the file does not have it.
+    fn tensor(&self, t: LlamaTensor, spec: &ModelSpec) -> Result<Option<Vec<f32>>, KvqError>;
+    /// Names the file in errors.
+    fn origin(&self) -> &str;
+}
+
+impl LlamaTensor {
+    fn gguf_name(self) -> String {
+        match self {
+            LlamaTensor::Embed => "token_embd.weight".into(),
+            LlamaTensor::FinalNorm => "output_norm.weight".into(),
+            LlamaTensor::LmHead => "output.weight".into(),
+            LlamaTensor::AttnNorm(l) => format!("blk.{l}.attn_norm.weight"),
+            LlamaTensor::Q(l) => format!("blk.{l}.attn_q.weight"),
+            LlamaTensor::K(l) => format!("blk.{l}.attn_k.weight"),
+            LlamaTensor::V(l) => format!("blk.{l}.attn_v.weight"),
+            LlamaTensor::O(l) => format!("blk.{l}.attn_output.weight"),
+            LlamaTensor::FfnNorm(l) => format!("blk.{l}.ffn_norm.weight"),
+            LlamaTensor::Gate(l) => format!("blk.{l}.ffn_gate.weight"),
+            LlamaTensor::Up(l) => format!("blk.{l}.ffn_up.weight"),
+            LlamaTensor::Down(l) => format!("blk.{l}.ffn_down.weight"),
+        }
+    }
+}
+
+/// Undoes llama.cpp's conversion permutation of Q/K rows: within each head, GGUF row `2p + s`
+/// holds HF row `s·d/2 + p`.
+pub fn unpermute_rows(w: &[f32], heads: usize, head_dim: usize, in_dim: usize) -> Vec<f32> {
+    let mut out = vec![0f32; w.len()];
+    let half = head_dim / 2;
+    for h in 0..heads {
+        for p in 0..half {
+            for s in 0..2 {
+                let src = (h * head_dim + 2 * p + s) * in_dim;
+                let dst = (h * head_dim + s * half + p) * in_dim;
+                out[dst..dst + in_dim].copy_from_slice(&w[src..src + in_dim]);
+            }
+        }
+    }
+    out
+}
+
+impl WeightSource for GgufTensors {
+    fn tensor(&self, t: LlamaTensor, spec: &ModelSpec) -> Result<Option<Vec<f32>>, KvqError> {
+        let name = t.gguf_name();
+        if !self.contains(&name) {
+            return Ok(None);
+        }
+        let w = self.to_f32(&name)?;
+        Ok(Some(match t {
+            LlamaTensor::Q(_) => unpermute_rows(&w, spec.num_heads, spec.head_dim_k, spec.hidden_size),
+            LlamaTensor::K(_) => unpermute_rows(&w, spec.num_kv_heads, spec.head_dim_k, spec.hidden_size),
+            _ => w,
+        }))
+    }
+    fn origin(&self) -> &str {
+        GgufTensors::origin(self)
+    }
+}
+
+/// Builds the model from any weight source, checking every shape.
+pub fn load_llama(src: &dyn WeightSource, spec: &ModelSpec) -> Result<LlamaModel, KvqError> {
+    let get = |t: LlamaTensor, len: usize| -> Result<Vec<f32>, KvqError> {
+        let w = src.tensor(t, spec)?.ok_or_else(|| KvqError::Model {
+            path: src.origin().to_string(),
+            reason: format!("tensor {t:?} is missing"),
+        })?;
+        if w.len() != len {
+            return Err(KvqError::Model {
+                path: src.origin().to_string(),
+                reason: format!("tensor {t:?} has {} elements, expected {len}", w.len()),
+            });
+        }
+        Ok(w)
+    };
+    let (h, ff) = (spec.hidden_size, spec.intermediate_size);
+    let (qd, kd, vd) = (
+        spec.num_heads * spec.head_dim_k,
+        spec.num_kv_heads * spec.head_dim_k,
+        spec.num_kv_heads * spec.head_dim_v,
+    );
+    let lin = |t, out, inp| get(t, out * inp).map(|w| Linear::new(w, out, inp));
+    let mut layers = Vec::with_capacity(spec.num_layers);
+    for l in 0..spec.num_layers {
+        layers.push(LlamaLayer {
+            attn_norm: get(LlamaTensor::AttnNorm(l), h)?,
+            wq: lin(LlamaTensor::Q(l), qd, h)?,
+            wk: lin(LlamaTensor::K(l), kd, h)?,
+            wv: lin(LlamaTensor::V(l), vd, h)?,
+            wo: lin(LlamaTensor::O(l), h, spec.num_heads * spec.head_dim_v)?,
+            ffn_norm: get(LlamaTensor::FfnNorm(l), h)?,
+            w_gate: lin(LlamaTensor::Gate(l), ff, h)?,
+            w_up: lin(LlamaTensor::Up(l), ff, h)?,
+            w_down: lin(LlamaTensor::Down(l), h, ff)?,
+        });
+    }
+    let embed = get(LlamaTensor::Embed, spec.vocab_size * h)?;
+    let lm_head = match src.tensor(LlamaTensor::LmHead, spec)? {
+        Some(w) if w.len() == spec.vocab_size * h => Some(Linear::new(w, spec.vocab_size, h)),
+        Some(w) => {
+            return Err(KvqError::Model {
+                path: src.origin().to_string(),
+                reason: format!("output head has {} elements, expected {}", w.len(), spec.vocab_size * h),
+            })
+        }
+        None => None,
+    };
+    Ok(LlamaModel::new(
+        spec.clone(),
+        embed,
+        layers,
+        get(LlamaTensor::FinalNorm, h)?,
+        lm_head,
+    ))
+}
+
+/// Opens a GGUF file and loads its Llama model.
+pub fn load_gguf_llama(path: &Path) -> Result<(ModelSpec, LlamaModel, GgufTensors), KvqError> {
+    let tensors = GgufTensors::open(path)?;
+    let spec = crate::model_spec::gguf::spec_from_gguf(tensors.gguf(), &path.display().to_string())?;
+    let model = load_llama(&tensors, &spec)?;
+    Ok((spec, model, tensors))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() {
+        // HF rows of one head of dim 4: [a0, a1, b0, b1]; llama.cpp stores [a0, b0, a1, b1].
+        let gguf = vec![0.0, 2.0, 1.0, 3.0];
+        assert_eq!(unpermute_rows(&gguf, 1, 4, 1), vec![0.0, 1.0, 2.0, 3.0]);
+    }
+}

@@ -1,0 +1,137 @@
+//! Engine flags with LMDeploy's spelling; each overrides the same key of the TOML file.
+
+use clap::Args;
+use std::path::PathBuf;
+
+use kvq::config::{DtypeChoice, QuantPolicy};
+use kvq::{EngineConfig, KvqError};
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct EngineArgs {
+    /// TOML config file; flags below override its keys.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Model: a GGUF file, an HF directory, or an HF config.json (metadata only).
+    #[arg(long = "model", alias = "model-path")]
+    pub model: Option<String>,
+    /// "pytorch" or "turbomind".
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// 0, 4, 8, 42, or a codec name ("none", "int8", "int4", "turbo_quant", a plugin's).
+    #[arg(long = "quant-policy")]
+    pub quant_policy: Option<String>,
+    /// "auto", "cpu", "cuda" or "cuda:N".
+    #[arg(long)]
+    pub device: Option<String>,
+    /// "auto", "float16", "bfloat16" or "float32".
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Fraction of free memory for the KV cache, in (0, 1].
+    #[arg(long = "cache-max-entry-count")]
+    pub cache_max_entry_count: Option<f64>,
+    /// Explicit KV-cache budget in GiB.
+    #[arg(long = "cache-memory-gib")]
+    pub cache_memory_gib: Option<f64>,
+    /// Tokens per cache block (a power of two).
+    #[arg(long = "block-size", alias = "cache-block-seq-len")]
+    pub block_size: Option<usize>,
+    #[arg(long = "max-batch-size")]
+    pub max_batch_size: Option<usize>,
+    #[arg(long = "session-len")]
+    pub session_len: Option<usize>,
+    #[arg(long)]
+    pub tp: Option<usize>,
+}
+
+impl EngineArgs {
+    /// The config file (or the defaults) with every given flag applied, validated.
+    pub fn load(&self) -> Result<EngineConfig, KvqError> {
+        let mut cfg = match &self.config {
+            Some(p) => EngineConfig::from_toml_file(p)?,
+            None => EngineConfig::default(),
+        };
+        let e = &mut cfg.engine;
+        if let Some(m) = &self.model {
+            cfg.model.path = m.clone();
+        }
+        if let Some(b) = &self.backend {
+            e.backend = b.clone();
+        }
+        if let Some(p) = &self.quant_policy {
+            e.quant_policy = match p.parse::<i64>() {
+                Ok(n) => QuantPolicy::Number(n),
+                Err(_) => QuantPolicy::Name(p.clone()),
+            };
+        }
+        if let Some(d) = &self.device {
+            e.device = d.clone();
+        }
+        if let Some(d) = &self.dtype {
+            e.dtype = parse_dtype(d)?;
+        }
+        if let Some(v) = self.cache_max_entry_count {
+            e.cache_max_entry_count = v;
+        }
+        if let Some(v) = self.cache_memory_gib {
+            e.cache_memory_gib = Some(v);
+        }
+        if let Some(v) = self.block_size {
+            e.block_size = v;
+        }
+        if let Some(v) = self.max_batch_size {
+            e.max_batch_size = v;
+        }
+        if let Some(v) = self.session_len {
+            e.session_len = v;
+        }
+        if let Some(v) = self.tp {
+            e.tp = v;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+fn parse_dtype(s: &str) -> Result<DtypeChoice, KvqError> {
+    toml::Value::String(s.to_string())
+        .try_into()
+        .map_err(|_| {
+            kvq::ConfigError::OutOfRange {
+                key: "engine.dtype",
+                value: format!("\"{s}\""),
+                expected: "one of \"auto\", \"float16\", \"bfloat16\", \"float32\"".into(),
+            }
+            .into()
+        })
+}
+
+/// Sampling flags shared by `generate` and `chat`.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    #[arg(long = "max-new-tokens", default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long = "top-k", default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long = "top-p", default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long = "repetition-penalty", default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> kvq::sampling::SamplingParams {
+        kvq::sampling::SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            max_new_tokens: self.max_new_tokens,
+            seed: self.seed,
+        }
+    }
+}

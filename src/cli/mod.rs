@@ -1,0 +1,44 @@
+//! Command-line interface: one module per subcommand, flags shared through [`args`].
+
+mod args;
+mod chat;
+mod check_config;
+mod generate;
+mod loading;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "kvq", version, about = "LLM inference with a quantized KV cache")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config against its model's metadata and print the resolved cache plan.
+    CheckConfig(check_config::CheckConfigArgs),
+    /// Generate text for one or more prompts.
+    Generate(generate::GenerateArgs),
+    /// Chat interactively with the model (multi-turn, streaming).
+    Chat(chat::ChatArgs),
+}
+
+/// Parses the command line and runs it; errors go to stderr with a non-zero exit.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::CheckConfig(a) => check_config::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Chat(a) => chat::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
