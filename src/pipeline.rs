@@ -104,7 +104,13 @@ impl Pipeline {
         let tok = &self.engine.tokenizer;
         let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
         let template = tok.chat_template().unwrap_or(CHATML_TEMPLATE);
-        render_chat(template, messages, true, &name(tok.bos_id()), &name(tok.eos_id()))
+        render_chat(
+            template,
+            messages,
+            true,
+            &name(tok.bos_id()),
+            &name(tok.eos_id()),
+        )
     }
 
     fn request(&self, text: &str) -> Result<Request, KvqError> {

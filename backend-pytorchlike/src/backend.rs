@@ -237,7 +237,7 @@ mod tests {
 
     #[test]
     fn paged_attention_matches_dense_attention_on_decoded_cache() {
-        for d in [64, 128] {
+        for d in [64, 96, 128] {
             for c in builtins(d) {
                 let seed = fresh_seed(&format!("attention vs decoded {} D={d}", c.name()));
                 check_attention_matches_decoded_reference(&PytorchBackend, c, seed);

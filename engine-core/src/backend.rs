@@ -37,18 +37,42 @@ pub trait AttentionBackend: Send + Sync {
     fn validate(&self, spec: &ModelSpec, cfg: &EngineConfig) -> Result<(), ConfigError>;
 
     /// Builds the codec `cfg` selects, for `spec`'s head dims and dtype.
-    fn build_codec(&self, spec: &ModelSpec, cfg: &EngineConfig) -> Result<Arc<dyn KvCodec>, ConfigError>;
+    fn build_codec(
+        &self,
+        spec: &ModelSpec,
+        cfg: &EngineConfig,
+    ) -> Result<Arc<dyn KvCodec>, ConfigError>;
 
     /// The byte layout of one block for `codec`.
-    fn cache_layout(&self, codec: &dyn KvCodec, num_layers: usize, num_kv_heads: usize, block_size: usize) -> CacheLayout;
+    fn cache_layout(
+        &self,
+        codec: &dyn KvCodec,
+        num_layers: usize,
+        num_kv_heads: usize,
+        block_size: usize,
+    ) -> CacheLayout;
 
     /// Quantizes and stores new K/V of one layer (`[tokens, kv_heads, dim]`) at `slots`.
-    fn write_kv(&self, cache: &mut PagedKvCache, layer: usize, k: &[f32], v: &[f32], slots: &[usize]) -> Result<(), KvqError> {
+    fn write_kv(
+        &self,
+        cache: &mut PagedKvCache,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        slots: &[usize],
+    ) -> Result<(), KvqError> {
         cache.write(layer, k, v, slots)
     }
 
     /// Attention of `q` (`[rows, heads, dim]`) over the cache, into `out`.
-    fn attend(&self, cache: &PagedKvCache, layer: usize, q: &[f32], batch: &AttentionBatch<'_>, out: &mut [f32]) -> Result<(), KvqError> {
+    fn attend(
+        &self,
+        cache: &PagedKvCache,
+        layer: usize,
+        q: &[f32],
+        batch: &AttentionBatch<'_>,
+        out: &mut [f32],
+    ) -> Result<(), KvqError> {
         paged_attention(cache, layer, q, batch, out)
     }
 }
@@ -79,13 +103,20 @@ pub fn backend_by_name(name: &str) -> Result<Box<dyn AttentionBackend>, ConfigEr
         .map(|r| (r.build)())
         .ok_or_else(|| ConfigError::UnknownBackend {
             given: name.to_string(),
-            valid: registered_backend_names().into_iter().map(String::from).collect(),
+            valid: registered_backend_names()
+                .into_iter()
+                .map(String::from)
+                .collect(),
         })
 }
 
 /// Rules every backend shares: the model must be something the engine can cache, the
 /// dtype/device must be available.
-pub fn validate_common(backend: &str, spec: &ModelSpec, cfg: &EngineConfig) -> Result<(), ConfigError> {
+pub fn validate_common(
+    backend: &str,
+    spec: &ModelSpec,
+    cfg: &EngineConfig,
+) -> Result<(), ConfigError> {
     cfg.validate()?;
     let unsupported = |reason: String| ConfigError::Unsupported {
         backend: backend.to_string(),
@@ -111,10 +142,11 @@ pub fn build_registered_codec(
     spec: &ModelSpec,
     dtype: crate::KvDtype,
 ) -> Result<Box<dyn KvCodec>, ConfigError> {
-    let reg = crate::codec::CodecRegistration::find(name).ok_or_else(|| ConfigError::UnknownPolicy {
-        given: name.to_string(),
-        valid: crate::config::valid_policy_values(),
-    })?;
+    let reg =
+        crate::codec::CodecRegistration::find(name).ok_or_else(|| ConfigError::UnknownPolicy {
+            given: name.to_string(),
+            valid: crate::config::valid_policy_values(),
+        })?;
     (reg.build)(&crate::codec::CodecBuildParams {
         head_dim_k: spec.head_dim_k,
         head_dim_v: spec.head_dim_v,

@@ -231,7 +231,8 @@ pub enum DeviceChoice {
 impl EngineConfig {
     /// Parses TOML text; unknown keys and wrong types are errors that name the key.
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
-        let cfg: EngineConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let cfg: EngineConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -388,7 +389,8 @@ num_speculative_tokens = 4
             ("\"none\"", CodecChoice::None),
             ("\"42\"", CodecChoice::TurboQuant),
         ] {
-            let c = EngineConfig::from_toml_str(&format!("[engine]\nquant_policy = {text}\n")).unwrap();
+            let c =
+                EngineConfig::from_toml_str(&format!("[engine]\nquant_policy = {text}\n")).unwrap();
             assert_eq!(c.codec_choice().unwrap(), want);
         }
     }
@@ -400,7 +402,12 @@ num_speculative_tokens = 4
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("unknown quant_policy"), "{err}");
-            for valid in ["0 (\"none\")", "8 (\"int8\")", "4 (\"int4\")", "42 (\"turbo_quant\")"] {
+            for valid in [
+                "0 (\"none\")",
+                "8 (\"int8\")",
+                "4 (\"int4\")",
+                "42 (\"turbo_quant\")",
+            ] {
                 assert!(err.contains(valid), "{err} lacks {valid}");
             }
         }
@@ -434,9 +441,11 @@ num_speculative_tokens = 4
 
     #[test]
     fn speculative_method_is_checked() {
-        let err = EngineConfig::from_toml_str("[speculative]\nmethod = \"eagle\"\nnum_speculative_tokens = 2\n")
-            .unwrap_err()
-            .to_string();
+        let err = EngineConfig::from_toml_str(
+            "[speculative]\nmethod = \"eagle\"\nnum_speculative_tokens = 2\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("ngram"), "{err}");
     }
 

@@ -135,7 +135,10 @@ mod tests {
     fn sanitize_maps_non_finite_to_documented_values() {
         assert_eq!(sanitize(f32::NAN, KvDtype::F16), 0.0);
         assert_eq!(sanitize(f32::INFINITY, KvDtype::F16), 65504.0);
-        assert_eq!(sanitize(f32::NEG_INFINITY, KvDtype::Bf16), -bf16::MAX.to_f32());
+        assert_eq!(
+            sanitize(f32::NEG_INFINITY, KvDtype::Bf16),
+            -bf16::MAX.to_f32()
+        );
         assert_eq!(sanitize(3.0, KvDtype::F16), 3.0);
     }
 }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod dtype;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod loader;
 pub mod model;
 pub mod model_spec;

@@ -57,7 +57,12 @@ impl ResolvedConfig {
 
     /// The memory plan for a budget of `budget_bytes` of free memory.
     pub fn plan(&self, budget_bytes: u64, cfg: &EngineConfig) -> MemoryPlan {
-        MemoryPlan::new(&self.layout, &self.fp16_layout, budget_bytes, cfg.engine.cache_max_entry_count)
+        MemoryPlan::new(
+            &self.layout,
+            &self.fp16_layout,
+            budget_bytes,
+            cfg.engine.cache_max_entry_count,
+        )
     }
 
     /// The memory plan for exactly `cache_bytes` of cache (an explicit budget).

@@ -15,7 +15,7 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// Keep the smallest set of tokens whose probability reaches p; 1 disables.
     pub top_p: f32,
-    /// > 1 discourages tokens already in the context (CTRL-style: logits divided or
+    /// Above 1 discourages tokens already in the context (CTRL-style: logits divided or
     /// multiplied by it); 1 disables.
     pub repetition_penalty: f32,
     pub max_new_tokens: usize,
@@ -45,7 +45,10 @@ impl SamplingParams {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return Err(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            return Err(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
         }
         Ok(())
     }
@@ -184,7 +187,9 @@ mod tests {
         let logits = [0.0f32, (3.0f32).ln()]; // p = 0.25, 0.75
         let draw = |seed| {
             let mut s = Sampler::new(params(1.0, 0, 1.0, seed));
-            (0..4000).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+            (0..4000)
+                .map(|_| s.sample(&logits, &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(11), draw(11));
         let ones = draw(12).iter().filter(|t| **t == 1).count() as f64 / 4000.0;
@@ -205,7 +210,13 @@ mod tests {
 
     #[test]
     fn invalid_values_are_named() {
-        assert!(params(-1.0, 0, 1.0, 0).validate().unwrap_err().contains("temperature"));
-        assert!(params(1.0, 0, 0.0, 0).validate().unwrap_err().contains("top_p"));
+        assert!(params(-1.0, 0, 1.0, 0)
+            .validate()
+            .unwrap_err()
+            .contains("temperature"));
+        assert!(params(1.0, 0, 0.0, 0)
+            .validate()
+            .unwrap_err()
+            .contains("top_p"));
     }
 }

@@ -36,7 +36,9 @@ pub fn rng(seed: u64) -> StdRng {
 
 /// `n` standard normal values.
 pub fn gaussian(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.sample::<f32, _>(StandardNormal)).collect()
+    (0..n)
+        .map(|_| rng.sample::<f32, _>(StandardNormal))
+        .collect()
 }
 
 /// A buffer of `n` NaNs: outputs start poisoned so an unwritten element cannot pass.
@@ -111,7 +113,11 @@ pub fn check_fused_forms(codec: &dyn KvCodec, seed: u64) {
         let mut acc = vec![0.5f32; dv];
         codec.accumulate_v(0.75, &d, &m, &mut acc);
         for (a, vi) in acc.iter().zip(&v) {
-            assert!((a - (0.5 + 0.75 * vi)).abs() <= 1e-5 * (1.0 + vi.abs()), "{}: accumulate", codec.name());
+            assert!(
+                (a - (0.5 + 0.75 * vi)).abs() <= 1e-5 * (1.0 + vi.abs()),
+                "{}: accumulate",
+                codec.name()
+            );
         }
     }
 }
@@ -123,10 +129,18 @@ pub fn check_non_finite_input_gives_finite_output(codec: &dyn KvCodec) {
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
         let mut x: Vec<f32> = (0..dk).map(|i| (i as f32 * 0.37).sin()).collect();
         x[dk / 3] = bad;
-        assert_all_finite(&round_trip_k(codec, &x), &format!("{} K with {bad}", codec.name()));
-        let mut x: Vec<f32> = (0..codec.head_dim_v()).map(|i| (i as f32 * 0.37).cos()).collect();
+        assert_all_finite(
+            &round_trip_k(codec, &x),
+            &format!("{} K with {bad}", codec.name()),
+        );
+        let mut x: Vec<f32> = (0..codec.head_dim_v())
+            .map(|i| (i as f32 * 0.37).cos())
+            .collect();
         x[0] = bad;
-        assert_all_finite(&round_trip_v(codec, &x), &format!("{} V with {bad}", codec.name()));
+        assert_all_finite(
+            &round_trip_v(codec, &x),
+            &format!("{} V with {bad}", codec.name()),
+        );
     }
 }
 
@@ -144,7 +158,15 @@ pub struct AttentionProblem {
 }
 
 impl AttentionProblem {
-    pub fn gaussian(seed: u64, heads: usize, kv_heads: usize, dk: usize, dv: usize, tokens: usize, q_rows: usize) -> Self {
+    pub fn gaussian(
+        seed: u64,
+        heads: usize,
+        kv_heads: usize,
+        dk: usize,
+        dv: usize,
+        tokens: usize,
+        q_rows: usize,
+    ) -> Self {
         let mut r = rng(seed);
         Self {
             heads,
@@ -169,13 +191,21 @@ impl AttentionProblem {
         let mut pool = BlockPool::new(blocks);
         // Take a few blocks first so the sequence's blocks are not 0..n.
         let mut other = BlockTable::default();
-        other.reserve(&mut pool, 2 * self.block_size, self.block_size).unwrap();
+        other
+            .reserve(&mut pool, 2 * self.block_size, self.block_size)
+            .unwrap();
         let mut table = BlockTable::default();
-        table.reserve(&mut pool, self.tokens, self.block_size).unwrap();
+        table
+            .reserve(&mut pool, self.tokens, self.block_size)
+            .unwrap();
         table.blocks.reverse();
-        let slots: Vec<usize> = (0..self.tokens).map(|p| table.slot(p, self.block_size)).collect();
+        let slots: Vec<usize> = (0..self.tokens)
+            .map(|p| table.slot(p, self.block_size))
+            .collect();
         // Layer 1, so layer addressing is exercised.
-        backend.write_kv(&mut cache, 1, &self.k, &self.v, &slots).unwrap();
+        backend
+            .write_kv(&mut cache, 1, &self.k, &self.v, &slots)
+            .unwrap();
         let batch = AttentionBatch {
             seqs: vec![SeqSlice {
                 q_start: 0,
@@ -187,7 +217,9 @@ impl AttentionProblem {
             scale: 1.0 / (dk as f32).sqrt(),
         };
         let mut out = poisoned(self.q_rows * self.heads * dv);
-        backend.attend(&cache, 1, &self.q, &batch, &mut out).unwrap();
+        backend
+            .attend(&cache, 1, &self.q, &batch, &mut out)
+            .unwrap();
         assert_all_finite(&out, "attention output");
         out
     }
@@ -205,14 +237,20 @@ impl AttentionProblem {
                 let scores: Vec<f64> = (0..=pos)
                     .map(|t| {
                         let kt = &k[(t * self.kv_heads + kvh) * dk..][..dk];
-                        q.iter().zip(kt).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale
+                        q.iter()
+                            .zip(kt)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            * scale
                     })
                     .collect();
                 let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
                 let z: f64 = w.iter().sum();
                 for d in 0..dv {
-                    let acc: f64 = (0..=pos).map(|t| w[t] * v[(t * self.kv_heads + kvh) * dv + d] as f64).sum();
+                    let acc: f64 = (0..=pos)
+                        .map(|t| w[t] * v[(t * self.kv_heads + kvh) * dv + d] as f64)
+                        .sum();
                     out[(i * self.heads + h) * dv + d] = (acc / z) as f32;
                 }
             }
@@ -223,20 +261,35 @@ impl AttentionProblem {
     /// The problem's K and V after a round trip through `codec` (model domain).
     pub fn decoded(&self, codec: &dyn KvCodec) -> (Vec<f32>, Vec<f32>) {
         let (dk, dv) = (codec.head_dim_k(), codec.head_dim_v());
-        let k = self.k.chunks(dk).flat_map(|x| round_trip_k(codec, x)).collect();
-        let v = self.v.chunks(dv).flat_map(|x| round_trip_v(codec, x)).collect();
+        let k = self
+            .k
+            .chunks(dk)
+            .flat_map(|x| round_trip_k(codec, x))
+            .collect();
+        let v = self
+            .v
+            .chunks(dv)
+            .flat_map(|x| round_trip_v(codec, x))
+            .collect();
         (k, v)
     }
 
     /// Per (row, head) cosine between two outputs of this problem.
     pub fn cosines(&self, a: &[f32], b: &[f32], dv: usize) -> Vec<f64> {
-        a.chunks(dv).zip(b.chunks(dv)).map(|(x, y)| cosine(x, y)).collect()
+        a.chunks(dv)
+            .zip(b.chunks(dv))
+            .map(|(x, y)| cosine(x, y))
+            .collect()
     }
 }
 
 /// The paged, fused attention over `codec`'s cache equals dense f64 attention over the decoded
 /// cache (tight: only f32 accumulation differs), for a GQA prefill chunk.
-pub fn check_attention_matches_decoded_reference(backend: &dyn AttentionBackend, codec: Arc<dyn KvCodec>, seed: u64) {
+pub fn check_attention_matches_decoded_reference(
+    backend: &dyn AttentionBackend,
+    codec: Arc<dyn KvCodec>,
+    seed: u64,
+) {
     let (dk, dv) = (codec.head_dim_k(), codec.head_dim_v());
     let p = AttentionProblem::gaussian(seed, 6, 2, dk, dv, 100, 7);
     let got = p.run(backend, codec.clone());

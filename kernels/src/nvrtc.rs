@@ -61,7 +61,10 @@ pub fn ptx_for(src: &KernelSource, arch: &'static str) -> Result<String, KernelE
     }
     let disk = cache_dir().map(|d| d.join(format!("{key}.ptx")));
     if let Some(ptx) = disk.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
-        memory_cache().lock().expect("cache lock").insert(key, ptx.clone());
+        memory_cache()
+            .lock()
+            .expect("cache lock")
+            .insert(key, ptx.clone());
         return Ok(ptx);
     }
     let ptx = compile(src, arch)?;
@@ -73,7 +76,10 @@ pub fn ptx_for(src: &KernelSource, arch: &'static str) -> Result<String, KernelE
             .and_then(|r| r.ok())
             .map(|_| std::fs::write(&path, &ptx));
     }
-    memory_cache().lock().expect("cache lock").insert(key, ptx.clone());
+    memory_cache()
+        .lock()
+        .expect("cache lock")
+        .insert(key, ptx.clone());
     Ok(ptx)
 }
 
@@ -140,7 +146,10 @@ mod tests {
     #[cfg(not(feature = "cuda"))]
     #[test]
     fn without_cuda_compiling_is_a_typed_error() {
-        assert!(matches!(compile(&A, "compute_90"), Err(KernelError::NotBuilt)));
+        assert!(matches!(
+            compile(&A, "compute_90"),
+            Err(KernelError::NotBuilt)
+        ));
         assert!(!nvrtc_available());
     }
 }

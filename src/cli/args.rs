@@ -93,16 +93,14 @@ impl EngineArgs {
 }
 
 fn parse_dtype(s: &str) -> Result<DtypeChoice, KvqError> {
-    toml::Value::String(s.to_string())
-        .try_into()
-        .map_err(|_| {
-            kvq::ConfigError::OutOfRange {
-                key: "engine.dtype",
-                value: format!("\"{s}\""),
-                expected: "one of \"auto\", \"float16\", \"bfloat16\", \"float32\"".into(),
-            }
-            .into()
-        })
+    toml::Value::String(s.to_string()).try_into().map_err(|_| {
+        kvq::ConfigError::OutOfRange {
+            key: "engine.dtype",
+            value: format!("\"{s}\""),
+            expected: "one of \"auto\", \"float16\", \"bfloat16\", \"float32\"".into(),
+        }
+        .into()
+    })
 }
 
 /// Sampling flags shared by `generate` and `chat`.

@@ -25,7 +25,11 @@ pub struct ChatArgs {
 pub fn run(a: ChatArgs) -> Result<(), KvqError> {
     let mut pipe = load_pipeline(&a.engine)?;
     pipe.generation.sampling = a.sampling.params();
-    let mut history: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
+    let mut history: Vec<ChatMessage> = a
+        .system
+        .iter()
+        .map(|s| ChatMessage::new("system", s))
+        .collect();
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     let mut out = std::io::stdout();

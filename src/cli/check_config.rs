@@ -72,10 +72,19 @@ fn print_text(model: &str, spec: &ModelSpec, r: &ResolvedConfig, plan: Option<&M
     println!("model        {model}");
     println!(
         "shape        {} layers, {} heads, {} KV heads, head_dim {}/{} ({:?})",
-        spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim_k, spec.head_dim_v, spec.attention
+        spec.num_layers,
+        spec.num_heads,
+        spec.num_kv_heads,
+        spec.head_dim_k,
+        spec.head_dim_v,
+        spec.attention
     );
     println!("backend      {}", r.backend.name());
-    let policy = r.codec.policy().map(|p| format!(" (quant_policy {p})")).unwrap_or_default();
+    let policy = r
+        .codec
+        .policy()
+        .map(|p| format!(" (quant_policy {p})"))
+        .unwrap_or_default();
     println!("codec        {}{policy}", r.codec.name());
     println!(
         "per token, per layer, per KV head: K {} + {} meta, V {} + {} meta = {} bytes (fp16: {}), {:.3} bits/element",

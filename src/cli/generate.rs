@@ -47,7 +47,10 @@ pub fn run(a: GenerateArgs) -> Result<(), KvqError> {
     }
     let new: usize = outputs.iter().map(|o| o.token_ids.len()).sum();
     let prompt: usize = outputs.iter().map(|o| o.prompt_tokens).sum();
-    let reasons: Vec<String> = outputs.iter().map(|o| format!("{:?}", o.finish_reason).to_lowercase()).collect();
+    let reasons: Vec<String> = outputs
+        .iter()
+        .map(|o| format!("{:?}", o.finish_reason).to_lowercase())
+        .collect();
     eprintln!(
         "kvq: {prompt} prompt + {new} generated tokens in {secs:.2} s ({:.1} tokens/s generated); finish: {}",
         new as f64 / secs,

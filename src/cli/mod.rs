@@ -3,6 +3,7 @@
 mod args;
 mod chat;
 mod check_config;
+mod eval;
 mod generate;
 mod loading;
 
@@ -10,7 +11,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "kvq", version, about = "LLM inference with a quantized KV cache")]
+#[command(
+    name = "kvq",
+    version,
+    about = "LLM inference with a quantized KV cache"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,6 +27,8 @@ enum Command {
     CheckConfig(check_config::CheckConfigArgs),
     /// Generate text for one or more prompts.
     Generate(generate::GenerateArgs),
+    /// Accuracy of every KV policy against the fp16 cache on a text (teacher-forced).
+    Eval(eval::EvalArgs),
     /// Chat interactively with the model (multi-turn, streaming).
     Chat(chat::ChatArgs),
 }
@@ -33,6 +40,7 @@ pub fn run() -> ExitCode {
         Command::CheckConfig(a) => check_config::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Chat(a) => chat::run(a),
+        Command::Eval(a) => eval::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,10 +21,22 @@ fn kvq(args: &[&str]) -> Output {
 fn plan_json(backend: &str, policy: &str) -> serde_json::Value {
     let model = fixture("smollm2-135m-config.json");
     let out = kvq(&[
-        "check-config", "--model", &model, "--backend", backend, "--quant-policy", policy,
-        "--budget-gib", "4", "--json",
+        "check-config",
+        "--model",
+        &model,
+        "--backend",
+        backend,
+        "--quant-policy",
+        policy,
+        "--budget-gib",
+        "4",
+        "--json",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("json")
 }
 
@@ -41,16 +53,25 @@ fn smollm2_block_ratios_match_the_byte_arithmetic() {
             let plan = &j["plan"];
             let unpadded = plan["ratio_to_fp16_unpadded"].as_f64().unwrap();
             let padded = plan["ratio_to_fp16"].as_f64().unwrap();
-            assert!((unpadded - want).abs() < 2e-3, "{backend} {policy}: {unpadded}");
+            assert!(
+                (unpadded - want).abs() < 2e-3,
+                "{backend} {policy}: {unpadded}"
+            );
             // Padding can only cost capacity, and the planner must say how much.
-            assert!(padded <= unpadded + 1e-9 && padded > 0.97 * unpadded, "{padded}");
+            assert!(
+                padded <= unpadded + 1e-9 && padded > 0.97 * unpadded,
+                "{padded}"
+            );
             let padding = j["block_padding"].as_u64().unwrap();
             assert_eq!(padding == 0, (padded - unpadded).abs() < 1e-9, "{j}");
             assert_eq!(j["bytes_per_token_per_layer_per_head"]["total"], bytes);
             let blocks = plan["num_blocks"].as_u64().unwrap();
             let fp16_blocks = plan["fp16_num_blocks"].as_u64().unwrap();
             let got = blocks as f64 / fp16_blocks as f64;
-            assert!((got - padded).abs() < 0.01, "block count ratio {got} vs {padded}");
+            assert!(
+                (got - padded).abs() < 0.01,
+                "block count ratio {got} vs {padded}"
+            );
         }
     }
 }
@@ -58,10 +79,23 @@ fn smollm2_block_ratios_match_the_byte_arithmetic() {
 #[test]
 fn text_output_names_backend_codec_and_capacity() {
     let model = fixture("smollm2-135m-config.json");
-    let out = kvq(&["check-config", "--model", &model, "--quant-policy", "int4", "--budget-gib", "1"]);
+    let out = kvq(&[
+        "check-config",
+        "--model",
+        &model,
+        "--quant-policy",
+        "int4",
+        "--budget-gib",
+        "1",
+    ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
-    for needle in ["backend      pytorch", "codec        int4 (quant_policy 4)", "blocks", "ratio"] {
+    for needle in [
+        "backend      pytorch",
+        "codec        int4 (quant_policy 4)",
+        "blocks",
+        "ratio",
+    ] {
         assert!(text.contains(needle), "{text}");
     }
 }
@@ -80,16 +114,38 @@ fn every_invalid_config_exits_non_zero_with_the_reason() {
     let spec_toml = spec_toml.display().to_string();
     let typo_toml = typo_toml.display().to_string();
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["--model", &smol, "--backend", "turbomind", "--quant-policy", "42"], "pytorch"),
+        (
+            vec![
+                "--model",
+                &smol,
+                "--backend",
+                "turbomind",
+                "--quant-policy",
+                "42",
+            ],
+            "pytorch",
+        ),
         (vec!["--model", &dsv2, "--quant-policy", "42"], "MLA"),
         (vec![&spec_toml], "speculative"),
-        (vec!["--model", &h96, "--quant-policy", "42"], "power of two"),
-        (vec!["--model", &smol, "--quant-policy", "int3"], "valid values"),
-        (vec!["--model", &smol, "--cache-max-entry-count", "1.5"], "(0, 1]"),
+        (
+            vec!["--model", &h96, "--quant-policy", "42"],
+            "power of two",
+        ),
+        (
+            vec!["--model", &smol, "--quant-policy", "int3"],
+            "valid values",
+        ),
+        (
+            vec!["--model", &smol, "--cache-max-entry-count", "1.5"],
+            "(0, 1]",
+        ),
         (vec!["--model", &smol, "--block-size", "0"], "power of two"),
         (vec!["--model", &smol, "--block-size", "48"], "power of two"),
         (vec![&typo_toml], "blok_size"),
-        (vec!["--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
+        (
+            vec!["--model", "/nonexistent/model.gguf"],
+            "/nonexistent/model.gguf",
+        ),
     ];
     for (args, needle) in cases {
         let mut full = vec!["check-config"];

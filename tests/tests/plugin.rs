@@ -15,7 +15,8 @@ fn fp8_plugin_is_selected_by_name_and_runs_attention() {
 
     let seed = testing::fresh_seed("fp8 plugin attention");
     testing::check_attention_matches_decoded_reference(r.backend.as_ref(), r.codec.clone(), seed);
-    let (min, mean) = testing::attention_cosine_vs_fp16(r.backend.as_ref(), r.codec.clone(), fp16, seed);
+    let (min, mean) =
+        testing::attention_cosine_vs_fp16(r.backend.as_ref(), r.codec.clone(), fp16, seed);
     eprintln!("fp8_e4m3 attention cosine vs fp16: min {min:.5}, mean {mean:.5}");
     assert!(min >= 0.995 && mean >= 0.998, "min {min}, mean {mean}");
 }

@@ -24,15 +24,24 @@ const SMOL: &str = "smollm2-135m-config.json";
 #[test]
 fn turbomind_rejects_turbo_quant_and_names_the_pytorch_backend() {
     for policy in ["42", "\"turbo_quant\""] {
-        let err = reject(SMOL, &format!("[engine]\nbackend = \"turbomind\"\nquant_policy = {policy}\n"));
+        let err = reject(
+            SMOL,
+            &format!("[engine]\nbackend = \"turbomind\"\nquant_policy = {policy}\n"),
+        );
         assert!(err.contains("pytorch"), "{err}");
-        assert!(err.to_lowercase().contains("turboquant") || err.contains("42"), "{err}");
+        assert!(
+            err.to_lowercase().contains("turboquant") || err.contains("42"),
+            "{err}"
+        );
     }
 }
 
 #[test]
 fn pytorch_turbo_quant_rejects_mla_models() {
-    let err = reject("deepseek-v2-lite-config.json", "[engine]\nquant_policy = 42\n");
+    let err = reject(
+        "deepseek-v2-lite-config.json",
+        "[engine]\nquant_policy = 42\n",
+    );
     assert!(err.contains("MLA"), "{err}");
 }
 
@@ -55,12 +64,18 @@ fn pytorch_turbo_quant_rejects_non_power_of_two_head_dims() {
 
 #[test]
 fn the_same_models_run_other_policies() {
-    accept("deepseek-v2-lite-config.json", "[engine]\nquant_policy = 8\n");
+    accept(
+        "deepseek-v2-lite-config.json",
+        "[engine]\nquant_policy = 8\n",
+    );
     accept("head96-config.json", "[engine]\nquant_policy = 4\n");
     accept(SMOL, "[engine]\nquant_policy = 8\n[speculative]\nmethod = \"ngram\"\nnum_speculative_tokens = 4\n");
     for backend in ["pytorch", "turbomind"] {
         for policy in [0, 4, 8] {
-            accept(SMOL, &format!("[engine]\nbackend = \"{backend}\"\nquant_policy = {policy}\n"));
+            accept(
+                SMOL,
+                &format!("[engine]\nbackend = \"{backend}\"\nquant_policy = {policy}\n"),
+            );
         }
     }
     accept(SMOL, "[engine]\nquant_policy = 42\n");
@@ -72,7 +87,13 @@ fn unknown_policy_or_codec_lists_the_valid_ones() {
         let err = EngineConfig::from_toml_str(&format!("[engine]\nquant_policy = {policy}\n"))
             .unwrap_err()
             .to_string();
-        for valid in ["\"none\"", "\"int8\"", "\"int4\"", "\"turbo_quant\"", "\"fp8_e4m3\""] {
+        for valid in [
+            "\"none\"",
+            "\"int8\"",
+            "\"int4\"",
+            "\"turbo_quant\"",
+            "\"fp8_e4m3\"",
+        ] {
             assert!(err.contains(valid), "{err} lacks {valid}");
         }
     }
@@ -81,18 +102,27 @@ fn unknown_policy_or_codec_lists_the_valid_ones() {
 #[test]
 fn unknown_backend_lists_the_valid_ones() {
     let err = reject(SMOL, "[engine]\nbackend = \"vllm\"\n");
-    assert!(err.contains("pytorch") && err.contains("turbomind"), "{err}");
+    assert!(
+        err.contains("pytorch") && err.contains("turbomind"),
+        "{err}"
+    );
 }
 
 #[test]
 fn plugin_codecs_run_on_pytorch_only() {
     accept(SMOL, "[engine]\nquant_policy = \"fp8_e4m3\"\n");
-    let err = reject(SMOL, "[engine]\nbackend = \"turbomind\"\nquant_policy = \"fp8_e4m3\"\n");
+    let err = reject(
+        SMOL,
+        "[engine]\nbackend = \"turbomind\"\nquant_policy = \"fp8_e4m3\"\n",
+    );
     assert!(err.contains("pytorch"), "{err}");
 }
 
 #[test]
 fn tp_must_divide_kv_heads() {
     let err = reject(SMOL, "[engine]\ntp = 2\n");
-    assert!(err.contains("tp = 2") && err.contains("3 KV heads"), "{err}");
+    assert!(
+        err.contains("tp = 2") && err.contains("3 KV heads"),
+        "{err}"
+    );
 }

@@ -1,6 +1,9 @@
 //! Policy 8 with PyTorch-engine semantics: one byte per element, `[scale, zero]` in the model
 //! dtype per (token, head). See [`super::affine`] for the formulas and the constant-vector rule.
 //!
+//! LMDeploy's Triton kernel does this arithmetic at the model dtype's precision; we use f32, so
+//! codes can differ from upstream by one near ties (upstream's own test allows ±2.5 codes).
+//!
 //! Non-finite input is sanitized first (NaN → 0, ±inf → ± the dtype's largest value), so one
 //! bad activation cannot poison the metadata of its vector.
 

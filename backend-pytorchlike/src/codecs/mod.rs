@@ -6,7 +6,6 @@ pub mod int4;
 pub mod int8;
 pub mod lloyd_max;
 pub mod packing;
-pub mod sanitized;
 pub mod turbo_quant;
 
 #[cfg(test)]
@@ -19,7 +18,6 @@ use engine_core::KvDtype;
 
 pub use int4::Int4Side;
 pub use int8::Int8Side;
-pub use sanitized::SanitizedInput;
 pub use turbo_quant::{turbo_quant_codec, LloydMax2Side, Qjl4Side};
 
 /// One side per head dim: shared when K and V have the same dim.

@@ -24,7 +24,6 @@ use engine_core::ops::hadamard::is_power_of_two;
 use engine_core::KvDtype;
 
 use super::lloyd_max::{ScaledCodebook, B2, B3, C2, C3};
-use super::sanitized::SanitizedInput;
 
 const EPS: f64 = 1e-8;
 
@@ -250,23 +249,18 @@ impl SideCodec for LloydMax2Side {
     }
 }
 
-/// The policy-42 codec: both sides sanitized, rotated (and rounded to `dtype`), then encoded.
+/// The policy-42 codec: both sides sanitized, rotated (and rounded to `dtype`), then encoded
+/// (see [`Rotated`]).
 ///
 /// # Panics
 /// If a head dim is not a power of two ≥ 4.
 pub fn turbo_quant_codec(head_dim_k: usize, head_dim_v: usize, dtype: KvDtype) -> KvPair {
-    let k = SanitizedInput {
-        inner: Rotated {
-            inner: Qjl4Side::new(head_dim_k, dtype),
-            dtype,
-        },
+    let k = Rotated {
+        inner: Qjl4Side::new(head_dim_k, dtype),
         dtype,
     };
-    let v = SanitizedInput {
-        inner: Rotated {
-            inner: LloydMax2Side::new(head_dim_v, dtype),
-            dtype,
-        },
+    let v = Rotated {
+        inner: LloydMax2Side::new(head_dim_v, dtype),
         dtype,
     };
     KvPair::new("turbo_quant", Some(42), Arc::new(k), Arc::new(v))

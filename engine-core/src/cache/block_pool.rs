@@ -89,7 +89,8 @@ impl BlockTable {
             )));
         }
         for _ in 0..need {
-            self.blocks.push(pool.allocate().expect("checked free count"));
+            self.blocks
+                .push(pool.allocate().expect("checked free count"));
         }
         Ok(())
     }
@@ -147,7 +148,7 @@ mod tests {
                 } else {
                     let _ = tables[seq].reserve(&mut pool, len, 16);
                 }
-                let mut seen = vec![false; 16];
+                let mut seen = [false; 16];
                 for t in &tables {
                     for &b in &t.blocks {
                         prop_assert!(!seen[b as usize]);

@@ -208,6 +208,9 @@ mod tests {
         assert_eq!(l.v_data.at(1, 3).start, 2 * 64 * 64 + 64 * 64 + 3 * 64);
         let params = 2 * 2 * 64 * 64;
         assert_eq!(l.k_meta.at(1, 3).start, params + 2 * 64 * 4 + 3 * 4);
-        assert_eq!(l.v_meta.at(1, 3).start, params + 2 * 64 * 4 + 64 * 4 + 3 * 4);
+        assert_eq!(
+            l.v_meta.at(1, 3).start,
+            params + 2 * 64 * 4 + 64 * 4 + 3 * 4
+        );
     }
 }

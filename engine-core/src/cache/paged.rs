@@ -86,7 +86,13 @@ impl PagedKvCache {
 
     /// Encodes new tokens of one layer: `k` is `[tokens, kv_heads, head_dim_k]`, `v` likewise,
     /// `slots[i]` where token `i` goes.
-    pub fn write(&mut self, layer: usize, k: &[f32], v: &[f32], slots: &[usize]) -> Result<(), KvqError> {
+    pub fn write(
+        &mut self,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        slots: &[usize],
+    ) -> Result<(), KvqError> {
         let h = self.layout.num_kv_heads;
         let (dk, dv) = (self.codec.head_dim_k(), self.codec.head_dim_v());
         if k.len() != slots.len() * h * dk || v.len() != slots.len() * h * dv {

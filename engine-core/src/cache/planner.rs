@@ -27,7 +27,12 @@ pub struct MemoryPlan {
 
 impl MemoryPlan {
     /// Plans `budget_bytes · fraction` of memory for `layout`, comparing with `fp16_layout`.
-    pub fn new(layout: &CacheLayout, fp16_layout: &CacheLayout, budget_bytes: u64, fraction: f64) -> Self {
+    pub fn new(
+        layout: &CacheLayout,
+        fp16_layout: &CacheLayout,
+        budget_bytes: u64,
+        fraction: f64,
+    ) -> Self {
         let cache_bytes = (budget_bytes as f64 * fraction).floor() as u64;
         let blocks = |l: &CacheLayout| (cache_bytes / l.block_bytes() as u64) as usize;
         let (num_blocks, fp16_num_blocks) = (blocks(layout), blocks(fp16_layout));
@@ -40,7 +45,8 @@ impl MemoryPlan {
             token_capacity: num_blocks * layout.block_size,
             fp16_num_blocks,
             ratio_to_fp16: fp16_layout.block_bytes() as f64 / layout.block_bytes() as f64,
-            ratio_to_fp16_unpadded: fp16_layout.bytes_per_token() as f64 / layout.bytes_per_token() as f64,
+            ratio_to_fp16_unpadded: fp16_layout.bytes_per_token() as f64
+                / layout.bytes_per_token() as f64,
         }
     }
 }
@@ -59,6 +65,10 @@ mod tests {
         assert_eq!(plan.cache_bytes, 1 << 29);
         assert_eq!(plan.num_blocks, (1usize << 29) / int8.block_bytes());
         assert_eq!(plan.token_capacity, plan.num_blocks * 64);
-        assert!((plan.ratio_to_fp16 - 1.882).abs() < 1e-3, "{}", plan.ratio_to_fp16);
+        assert!(
+            (plan.ratio_to_fp16 - 1.882).abs() < 1e-3,
+            "{}",
+            plan.ratio_to_fp16
+        );
     }
 }

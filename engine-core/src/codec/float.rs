@@ -50,8 +50,14 @@ pub fn float_codec(head_dim_k: usize, head_dim_v: usize, dtype: KvDtype) -> supe
     super::KvPair::new(
         "none",
         Some(0),
-        Arc::new(FloatSide { dim: head_dim_k, dtype }),
-        Arc::new(FloatSide { dim: head_dim_v, dtype }),
+        Arc::new(FloatSide {
+            dim: head_dim_k,
+            dtype,
+        }),
+        Arc::new(FloatSide {
+            dim: head_dim_v,
+            dtype,
+        }),
     )
 }
 

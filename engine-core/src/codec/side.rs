@@ -53,7 +53,12 @@ impl KvPair {
         Self::new(name, policy, side.clone(), side)
     }
 
-    pub fn new(name: &str, policy: Option<u32>, k: Arc<dyn SideCodec>, v: Arc<dyn SideCodec>) -> Self {
+    pub fn new(
+        name: &str,
+        policy: Option<u32>,
+        k: Arc<dyn SideCodec>,
+        v: Arc<dyn SideCodec>,
+    ) -> Self {
         Self {
             name: name.to_string(),
             policy,
@@ -115,6 +120,9 @@ impl KvCodec for KvPair {
 /// Any side codec behind the normalised Walsh–Hadamard rotation: the input is rotated and
 /// rounded to the model dtype (as LMDeploy's rotation returns the input dtype), then encoded.
 /// The dimension must be a power of two.
+///
+/// Non-finite input is sanitized *before* rotating (NaN → 0, ±inf → ± the dtype's largest
+/// value): one NaN rotated by a Hadamard matrix would spread to every coordinate.
 #[derive(Debug, Clone)]
 pub struct Rotated<S> {
     pub inner: S,
@@ -132,7 +140,10 @@ impl<S: SideCodec> SideCodec for Rotated<S> {
         Domain::Hadamard
     }
     fn encode(&self, x: &[f32], data: &mut [u8], meta: &mut [u8]) {
-        let mut y = x.to_vec();
+        let mut y: Vec<f32> = x
+            .iter()
+            .map(|&v| crate::dtype::sanitize(v, self.dtype))
+            .collect();
         crate::ops::hadamard::wht_normalized(&mut y);
         y.iter_mut().for_each(|v| *v = self.dtype.round(*v));
         self.inner.encode(&y, data, meta)

@@ -25,7 +25,8 @@ impl IncrementalDecoder {
         self.ids.push(id);
         let before = tok.decode_with(&self.ids[self.prefix..self.read], true)?;
         let after = tok.decode_with(&self.ids[self.prefix..], true)?;
-        if after.len() > before.len() && !after.ends_with('\u{FFFD}') && after.starts_with(&before) {
+        if after.len() > before.len() && !after.ends_with('\u{FFFD}') && after.starts_with(&before)
+        {
             let piece = after[before.len()..].to_string();
             self.prefix = self.read;
             self.read = self.ids.len();

@@ -34,6 +34,43 @@ pub struct Engine {
     pool: BlockPool,
 }
 
+/// Loads a model file's spec, weights and tokenizer (no cache).
+pub fn load_model(
+    path: &Path,
+    progress: &mut dyn FnMut(LoadStage),
+) -> Result<(ModelSpec, LlamaModel, Tokenizer), KvqError> {
+    let origin = path.display().to_string();
+    if !path.exists() {
+        return Err(KvqError::Model {
+            path: origin,
+            reason: "not found (run scripts/fetch-model.sh for the default model)".into(),
+        });
+    }
+    if path.is_dir() {
+        return Err(KvqError::Model {
+            path: origin,
+            reason: "HF directories are not supported yet; use a GGUF file".into(),
+        });
+    }
+    progress(LoadStage::ReadingHeader);
+    let tensors = GgufTensors::open(path)?;
+    let spec = spec_from_gguf(tensors.gguf(), &origin)?;
+    if spec.architecture != "llama" {
+        return Err(KvqError::Model {
+            path: origin,
+            reason: format!(
+                "architecture `{}` is not supported (llama is)",
+                spec.architecture
+            ),
+        });
+    }
+    progress(LoadStage::LoadingWeights);
+    let model = load_llama(&tensors, &spec)?;
+    progress(LoadStage::LoadingTokenizer);
+    let tokenizer = Tokenizer::from_gguf(tensors.gguf(), &origin)?;
+    Ok((spec, model, tokenizer))
+}
+
 /// Memory the OS reports as available (`MemAvailable`), or 4 GiB where it cannot be read.
 pub fn available_memory_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -50,40 +87,25 @@ pub fn available_memory_bytes() -> u64 {
 
 impl Engine {
     /// Loads the model `config.model.path` names and plans its cache.
-    pub fn load(config: &EngineConfig, progress: &mut dyn FnMut(LoadStage)) -> Result<Self, KvqError> {
+    pub fn load(
+        config: &EngineConfig,
+        progress: &mut dyn FnMut(LoadStage),
+    ) -> Result<Self, KvqError> {
         config.validate()?;
         let path = Path::new(&config.model.path);
-        if !path.exists() {
-            return Err(KvqError::Model {
-                path: config.model.path.clone(),
-                reason: "not found (run scripts/fetch-model.sh for the default model)".into(),
-            });
+        if path.is_file() {
+            // Refuse a bad combination from the header alone, before loading any weights.
+            ResolvedConfig::new(&ModelSpec::from_path(path)?, config)?;
         }
-        progress(LoadStage::ReadingHeader);
-        if path.is_dir() {
-            return Err(KvqError::Model {
-                path: config.model.path.clone(),
-                reason: "HF directories are not supported yet; use a GGUF file".into(),
-            });
-        }
-        let tensors = GgufTensors::open(path)?;
-        let origin = path.display().to_string();
-        let spec = spec_from_gguf(tensors.gguf(), &origin)?;
-        if spec.architecture != "llama" {
-            return Err(KvqError::Model {
-                path: origin,
-                reason: format!("architecture `{}` is not supported (llama is)", spec.architecture),
-            });
-        }
+        let (spec, model, tokenizer) = load_model(path, progress)?;
         let resolved = ResolvedConfig::new(&spec, config)?;
-        progress(LoadStage::LoadingWeights);
-        let model = load_llama(&tensors, &spec)?;
-        progress(LoadStage::LoadingTokenizer);
-        let tokenizer = Tokenizer::from_gguf(tensors.gguf(), &origin)?;
-        drop(tensors);
         progress(LoadStage::AllocatingCache);
         let plan = plan_cpu_cache(&resolved, config)?;
-        let cache = PagedKvCache::new(resolved.layout.clone(), resolved.codec.clone(), plan.num_blocks);
+        let cache = PagedKvCache::new(
+            resolved.layout.clone(),
+            resolved.codec.clone(),
+            plan.num_blocks,
+        );
         let pool = BlockPool::new(plan.num_blocks);
         progress(LoadStage::Ready);
         Ok(Self {
@@ -111,7 +133,11 @@ impl Engine {
     ) -> Result<Vec<GenerationOutput>, KvqError> {
         let limits = SchedulerLimits {
             max_batch_size: self.config.engine.max_batch_size,
-            session_len: self.config.engine.session_len.min(self.spec.max_position_embeddings),
+            session_len: self
+                .config
+                .engine
+                .session_len
+                .min(self.spec.max_position_embeddings),
             max_prefill_tokens: 4096,
         };
         let mut sched = Scheduler::new(limits, self.tokenizer.eos_id());
@@ -131,7 +157,7 @@ impl Engine {
                 &self.tokenizer,
                 &mut events,
             )?;
-            events.iter().for_each(|e| on_event(e));
+            events.iter().for_each(&mut *on_event);
             for (index, mut ids, prompt_tokens, finish_reason) in sched.take_finished() {
                 if finish_reason == super::FinishReason::Stop {
                     ids.pop(); // the stop token itself is not part of the answer
@@ -145,13 +171,19 @@ impl Engine {
                 });
             }
         }
-        Ok(outputs.into_iter().map(|o| o.expect("every request finishes")).collect())
+        Ok(outputs
+            .into_iter()
+            .map(|o| o.expect("every request finishes"))
+            .collect())
     }
 }
 
 /// The CPU cache plan: `cache_memory_gib`, else `cache_max_entry_count` of available memory,
 /// capped at what `max_batch_size` full sessions can use.
-fn plan_cpu_cache(resolved: &ResolvedConfig, config: &EngineConfig) -> Result<MemoryPlan, KvqError> {
+fn plan_cpu_cache(
+    resolved: &ResolvedConfig,
+    config: &EngineConfig,
+) -> Result<MemoryPlan, KvqError> {
     let e = &config.engine;
     let mut plan = match e.cache_memory_gib {
         Some(g) => resolved.plan_exact((g * (1u64 << 30) as f64) as u64),

@@ -7,6 +7,6 @@ mod request;
 mod scheduler;
 
 pub use detok::IncrementalDecoder;
-pub use load::{available_memory_bytes, Engine, LoadStage};
+pub use load::{available_memory_bytes, load_model, Engine, LoadStage};
 pub use request::{FinishReason, GenerationOutput, Request, TokenEvent};
 pub use scheduler::{Scheduler, StepStats};

@@ -111,7 +111,12 @@ impl Scheduler {
             .drain(..)
             .map(|s| {
                 let reason = s.finished.expect("finished");
-                (s.index, s.tokens[s.prompt_len..].to_vec(), s.prompt_len, reason)
+                (
+                    s.index,
+                    s.tokens[s.prompt_len..].to_vec(),
+                    s.prompt_len,
+                    reason,
+                )
             })
             .collect()
     }
@@ -120,8 +125,14 @@ impl Scheduler {
     /// a request that does not fit blocks the ones behind it).
     fn admit(&mut self, pool: &mut BlockPool, block_size: usize) {
         while self.running.len() < self.limits.max_batch_size {
-            let Some(seq) = self.waiting.front_mut() else { break };
-            if seq.table.reserve(pool, seq.tokens.len() + 1, block_size).is_err() {
+            let Some(seq) = self.waiting.front_mut() else {
+                break;
+            };
+            if seq
+                .table
+                .reserve(pool, seq.tokens.len() + 1, block_size)
+                .is_err()
+            {
                 break;
             }
             let seq = self.waiting.pop_front().expect("front exists");
@@ -157,7 +168,11 @@ impl Scheduler {
         let mut i = 0;
         while i < self.running.len() {
             let need = self.running[i].tokens.len();
-            if self.running[i].table.reserve(pool, need, block_size).is_ok() {
+            if self.running[i]
+                .table
+                .reserve(pool, need, block_size)
+                .is_ok()
+            {
                 i += 1;
                 continue;
             }
@@ -185,7 +200,11 @@ impl Scheduler {
         let mut chunks = Vec::with_capacity(self.running.len());
         for seq in &self.running {
             let pending = seq.tokens.len() - seq.cached;
-            let take = if pending <= 1 { pending } else { pending.min(budget.max(1)) };
+            let take = if pending <= 1 {
+                pending
+            } else {
+                pending.min(budget.max(1))
+            };
             if pending > 1 {
                 budget = budget.saturating_sub(take);
             }
@@ -245,7 +264,8 @@ impl Scheduler {
                 finished,
             });
         }
-        let (done, still): (Vec<_>, Vec<_>) = self.running.drain(..).partition(|s| s.finished.is_some());
+        let (done, still): (Vec<_>, Vec<_>) =
+            self.running.drain(..).partition(|s| s.finished.is_some());
         self.running = still;
         for mut seq in done {
             seq.table.release_all(pool)?;

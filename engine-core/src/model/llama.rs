@@ -57,8 +57,18 @@ pub enum LogitsFor {
 }
 
 impl LlamaModel {
-    pub fn new(spec: ModelSpec, embed: Vec<f32>, layers: Vec<LlamaLayer>, final_norm: Vec<f32>, lm_head: Option<Linear>) -> Self {
-        let rope = Rope::new(spec.head_dim_k, spec.rope_theta, spec.max_position_embeddings.max(1));
+    pub fn new(
+        spec: ModelSpec,
+        embed: Vec<f32>,
+        layers: Vec<LlamaLayer>,
+        final_norm: Vec<f32>,
+        lm_head: Option<Linear>,
+    ) -> Self {
+        let rope = Rope::new(
+            spec.head_dim_k,
+            spec.rope_theta,
+            spec.max_position_embeddings.max(1),
+        );
         let (embed, lm_head) = match lm_head {
             Some(head) => (Some(embed), head),
             None => (None, Linear::new(embed, spec.vocab_size, spec.hidden_size)),
@@ -118,7 +128,10 @@ impl LlamaModel {
             });
             for (i, &t) in seq.tokens.iter().enumerate() {
                 if t as usize >= s.vocab_size {
-                    return Err(KvqError::InvalidArgument(format!("token id {t} outside the vocabulary of {}", s.vocab_size)));
+                    return Err(KvqError::InvalidArgument(format!(
+                        "token id {t} outside the vocabulary of {}",
+                        s.vocab_size
+                    )));
                 }
                 let pos = seq.start_pos + i;
                 positions.push(pos);

@@ -79,8 +79,12 @@ impl WeightSource for GgufTensors {
         }
         let w = self.to_f32(&name)?;
         Ok(Some(match t {
-            LlamaTensor::Q(_) => unpermute_rows(&w, spec.num_heads, spec.head_dim_k, spec.hidden_size),
-            LlamaTensor::K(_) => unpermute_rows(&w, spec.num_kv_heads, spec.head_dim_k, spec.hidden_size),
+            LlamaTensor::Q(_) => {
+                unpermute_rows(&w, spec.num_heads, spec.head_dim_k, spec.hidden_size)
+            }
+            LlamaTensor::K(_) => {
+                unpermute_rows(&w, spec.num_kv_heads, spec.head_dim_k, spec.hidden_size)
+            }
             _ => w,
         }))
     }
@@ -131,7 +135,11 @@ pub fn load_llama(src: &dyn WeightSource, spec: &ModelSpec) -> Result<LlamaModel
         Some(w) => {
             return Err(KvqError::Model {
                 path: src.origin().to_string(),
-                reason: format!("output head has {} elements, expected {}", w.len(), spec.vocab_size * h),
+                reason: format!(
+                    "output head has {} elements, expected {}",
+                    w.len(),
+                    spec.vocab_size * h
+                ),
             })
         }
         None => None,
@@ -148,7 +156,8 @@ pub fn load_llama(src: &dyn WeightSource, spec: &ModelSpec) -> Result<LlamaModel
 /// Opens a GGUF file and loads its Llama model.
 pub fn load_gguf_llama(path: &Path) -> Result<(ModelSpec, LlamaModel, GgufTensors), KvqError> {
     let tensors = GgufTensors::open(path)?;
-    let spec = crate::model_spec::gguf::spec_from_gguf(tensors.gguf(), &path.display().to_string())?;
+    let spec =
+        crate::model_spec::gguf::spec_from_gguf(tensors.gguf(), &path.display().to_string())?;
     let model = load_llama(&tensors, &spec)?;
     Ok((spec, model, tensors))
 }

@@ -212,16 +212,22 @@ impl GgufFile {
         };
         let magic: [u8; 4] = r.array("magic")?;
         if &magic != MAGIC {
-            return Err(r.err(format!("not a GGUF file (magic {magic:02x?}, expected \"GGUF\")")));
+            return Err(r.err(format!(
+                "not a GGUF file (magic {magic:02x?}, expected \"GGUF\")"
+            )));
         }
         let version = r.u32("version")?;
         if !(2..=3).contains(&version) {
-            return Err(r.err(format!("GGUF version {version} is not supported (2 and 3 are)")));
+            return Err(r.err(format!(
+                "GGUF version {version} is not supported (2 and 3 are)"
+            )));
         }
         let n_tensors = r.u64("tensor count")?;
         let n_kv = r.u64("metadata count")?;
         if n_tensors > size || n_kv > size {
-            return Err(r.err(format!("corrupt GGUF header: {n_tensors} tensors, {n_kv} metadata entries")));
+            return Err(r.err(format!(
+                "corrupt GGUF header: {n_tensors} tensors, {n_kv} metadata entries"
+            )));
         }
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
@@ -237,7 +243,9 @@ impl GgufFile {
             if n_dims == 0 || n_dims > 4 {
                 return Err(r.err(format!("tensor `{name}` has {n_dims} dimensions")));
             }
-            let dims = (0..n_dims).map(|_| r.u64(&name)).collect::<Result<Vec<_>, _>>()?;
+            let dims = (0..n_dims)
+                .map(|_| r.u64(&name))
+                .collect::<Result<Vec<_>, _>>()?;
             let ggml_type = r.u32(&name)?;
             let offset = r.u64(&name)?;
             tensors.push(GgufTensorInfo {
@@ -252,7 +260,9 @@ impl GgufFile {
             .and_then(GgufValue::as_u64)
             .unwrap_or(32);
         if alignment == 0 || !alignment.is_power_of_two() {
-            return Err(r.err(format!("general.alignment {alignment} is not a power of two")));
+            return Err(r.err(format!(
+                "general.alignment {alignment} is not a power of two"
+            )));
         }
         let data_offset = r.pos.div_ceil(alignment) * alignment;
         Ok(Self {
@@ -290,12 +300,22 @@ pub fn spec_from_gguf(f: &GgufFile, origin: &str) -> Result<ModelSpec, KvqError>
         path: origin.to_string(),
         reason: format!("metadata key `{key}` is missing or has the wrong type"),
     };
-    let arch = f.architecture().ok_or_else(|| missing("general.architecture"))?.to_string();
+    let arch = f
+        .architecture()
+        .ok_or_else(|| missing("general.architecture"))?
+        .to_string();
     let uint = |k: &str| -> Result<usize, KvqError> {
         let key = format!("{arch}.{k}");
-        f.get(&key).and_then(GgufValue::as_u64).map(|v| v as usize).ok_or_else(|| missing(&key))
+        f.get(&key)
+            .and_then(GgufValue::as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| missing(&key))
     };
-    let opt_uint = |k: &str| f.get(&format!("{arch}.{k}")).and_then(GgufValue::as_u64).map(|v| v as usize);
+    let opt_uint = |k: &str| {
+        f.get(&format!("{arch}.{k}"))
+            .and_then(GgufValue::as_u64)
+            .map(|v| v as usize)
+    };
     let opt_f32 = |k: &str| f.get(&format!("{arch}.{k}")).and_then(GgufValue::as_f32);
 
     let num_heads = uint("attention.head_count")?;
@@ -306,7 +326,11 @@ pub fn spec_from_gguf(f: &GgufFile, origin: &str) -> Result<ModelSpec, KvqError>
     let head_dim_k = opt_uint("attention.key_length").unwrap_or(default_dim);
     let head_dim_v = opt_uint("attention.value_length").unwrap_or(head_dim_k);
     let vocab_size = opt_uint("vocab_size")
-        .or_else(|| f.get("tokenizer.ggml.tokens").and_then(GgufValue::as_array).map(<[_]>::len))
+        .or_else(|| {
+            f.get("tokenizer.ggml.tokens")
+                .and_then(GgufValue::as_array)
+                .map(<[_]>::len)
+        })
         .ok_or_else(|| missing("tokenizer.ggml.tokens"))?;
     let attention = if mla {
         AttentionKind::Mla
@@ -384,7 +408,10 @@ pub mod writer {
     }
 
     /// A header with `metadata` and tensors `(name, dims, ggml_type, offset)`, padded to 32.
-    pub fn header(metadata: &[(&str, GgufValue)], tensors: &[(&str, Vec<u64>, u32, u64)]) -> Vec<u8> {
+    pub fn header(
+        metadata: &[(&str, GgufValue)],
+        tensors: &[(&str, Vec<u64>, u32, u64)],
+    ) -> Vec<u8> {
         let mut out = b"GGUF".to_vec();
         out.extend_from_slice(&3u32.to_le_bytes());
         out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
@@ -397,7 +424,8 @@ pub mod writer {
         for (name, dims, ty, offset) in tensors {
             string(&mut out, name);
             out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
-            dims.iter().for_each(|d| out.extend_from_slice(&d.to_le_bytes()));
+            dims.iter()
+                .for_each(|d| out.extend_from_slice(&d.to_le_bytes()));
             out.extend_from_slice(&ty.to_le_bytes());
             out.extend_from_slice(&offset.to_le_bytes());
         }
@@ -432,7 +460,10 @@ mod tests {
     fn reads_spec_from_metadata() {
         let f = GgufFile::from_bytes(&smollm_like(), "m.gguf").unwrap();
         let s = spec_from_gguf(&f, "m.gguf").unwrap();
-        assert_eq!((s.num_layers, s.num_heads, s.num_kv_heads, s.head_dim_k), (30, 9, 3, 64));
+        assert_eq!(
+            (s.num_layers, s.num_heads, s.num_kv_heads, s.head_dim_k),
+            (30, 9, 3, 64)
+        );
         assert_eq!(s.vocab_size, 10);
         assert!(s.tie_word_embeddings);
         assert_eq!(s.rope_theta, 100000.0);
@@ -446,7 +477,9 @@ mod tests {
         // Cut anywhere inside the header (the padding at the end is not needed to parse).
         let header_len = bytes.len() - bytes.iter().rev().take_while(|b| **b == 0).count();
         for cut in 0..header_len - 8 {
-            let err = GgufFile::from_bytes(&bytes[..cut], "cut.gguf").unwrap_err().to_string();
+            let err = GgufFile::from_bytes(&bytes[..cut], "cut.gguf")
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("cut.gguf"), "{err}");
         }
     }
@@ -455,10 +488,16 @@ mod tests {
     fn wrong_magic_and_version_are_named() {
         let mut b = smollm_like();
         b[0] = b'X';
-        assert!(GgufFile::from_bytes(&b, "f").unwrap_err().to_string().contains("not a GGUF"));
+        assert!(GgufFile::from_bytes(&b, "f")
+            .unwrap_err()
+            .to_string()
+            .contains("not a GGUF"));
         let mut b = smollm_like();
         b[4] = 9;
-        assert!(GgufFile::from_bytes(&b, "f").unwrap_err().to_string().contains("version 9"));
+        assert!(GgufFile::from_bytes(&b, "f")
+            .unwrap_err()
+            .to_string()
+            .contains("version 9"));
     }
 
     #[test]
@@ -472,7 +511,10 @@ mod tests {
 
     #[test]
     fn missing_key_is_named() {
-        let b = header(&[("general.architecture", GgufValue::String("llama".into()))], &[]);
+        let b = header(
+            &[("general.architecture", GgufValue::String("llama".into()))],
+            &[],
+        );
         let f = GgufFile::from_bytes(&b, "f").unwrap();
         let err = spec_from_gguf(&f, "f").unwrap_err().to_string();
         assert!(err.contains("llama.attention.head_count"), "{err}");

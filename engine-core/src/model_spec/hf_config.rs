@@ -58,16 +58,24 @@ pub(super) fn from_config_json_text(text: &str, origin: &str) -> Result<ModelSpe
         reason: format!("not a usable config.json: {e}"),
     })?;
     let num_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
-    let default_head_dim = if c.num_attention_heads == 0 { 0 } else { c.hidden_size / c.num_attention_heads };
+    let default_head_dim = c.hidden_size.checked_div(c.num_attention_heads).unwrap_or(0);
     let (attention, head_dim_k, head_dim_v) = match c.kv_lora_rank {
         Some(_) => {
             let rope = c.qk_rope_head_dim.unwrap_or(0);
             let nope = c.qk_nope_head_dim.unwrap_or(0);
-            (AttentionKind::Mla, nope + rope, c.v_head_dim.unwrap_or(nope))
+            (
+                AttentionKind::Mla,
+                nope + rope,
+                c.v_head_dim.unwrap_or(nope),
+            )
         }
         None => {
             let d = c.head_dim.unwrap_or(default_head_dim);
-            (ModelSpec::attention_kind_for(c.num_attention_heads, num_kv_heads), d, d)
+            (
+                ModelSpec::attention_kind_for(c.num_attention_heads, num_kv_heads),
+                d,
+                d,
+            )
         }
     };
     let dtype = match c.torch_dtype.as_deref() {
@@ -111,7 +119,10 @@ mod tests {
     #[test]
     fn reads_a_llama_config() {
         let s = from_config_json_text(SMOLLM2, "config.json").unwrap();
-        assert_eq!((s.num_layers, s.num_heads, s.num_kv_heads, s.head_dim_k), (30, 9, 3, 64));
+        assert_eq!(
+            (s.num_layers, s.num_heads, s.num_kv_heads, s.head_dim_k),
+            (30, 9, 3, 64)
+        );
         assert_eq!(s.attention, AttentionKind::Gqa);
         assert_eq!(s.dtype, KvDtype::Bf16);
         assert!(s.tie_word_embeddings);
@@ -119,8 +130,13 @@ mod tests {
 
     #[test]
     fn missing_field_names_file_and_field() {
-        let err = from_config_json_text(r#"{"hidden_size": 8}"#, "x/config.json").unwrap_err().to_string();
-        assert!(err.contains("x/config.json") && err.contains("num_hidden_layers"), "{err}");
+        let err = from_config_json_text(r#"{"hidden_size": 8}"#, "x/config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("x/config.json") && err.contains("num_hidden_layers"),
+            "{err}"
+        );
     }
 
     #[test]

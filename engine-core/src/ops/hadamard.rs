@@ -12,7 +12,10 @@ pub fn is_power_of_two(d: usize) -> bool {
 /// If `x.len()` is not a power of two; callers validate head dims before building a codec.
 pub fn wht_normalized(x: &mut [f32]) {
     let n = x.len();
-    assert!(is_power_of_two(n), "Hadamard transform needs a power-of-two length, got {n}");
+    assert!(
+        is_power_of_two(n),
+        "Hadamard transform needs a power-of-two length, got {n}"
+    );
     let mut h = 1;
     while h < n {
         for block in (0..n).step_by(2 * h) {
@@ -38,7 +41,11 @@ mod tests {
             .map(|i| {
                 let s: f64 = (0..n)
                     .map(|j| {
-                        let sign = if (i & j).count_ones() % 2 == 0 { 1.0 } else { -1.0 };
+                        let sign = if (i & j).count_ones() % 2 == 0 {
+                            1.0
+                        } else {
+                            -1.0
+                        };
                         sign * x[j] as f64
                     })
                     .sum();
@@ -66,7 +73,9 @@ mod tests {
         // Reference §7.4: x of §3.7 rotated.
         let mut x = [0.50f32, -1.25, 0.75, 2.00, -0.10, 0.30, -2.50, 1.10];
         wht_normalized(&mut x);
-        let want = [0.28284, -1.23744, -0.67175, 2.19203, 1.13137, 1.59099, -1.80312, -0.07071];
+        let want = [
+            0.28284, -1.23744, -0.67175, 2.19203, 1.13137, 1.59099, -1.80312, -0.07071,
+        ];
         for (a, b) in x.iter().zip(want) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
         }

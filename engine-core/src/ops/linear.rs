@@ -13,7 +13,11 @@ pub struct Linear {
 impl Linear {
     pub fn new(weight: Vec<f32>, out_dim: usize, in_dim: usize) -> Self {
         assert_eq!(weight.len(), out_dim * in_dim, "weight shape");
-        Self { out_dim, in_dim, weight }
+        Self {
+            out_dim,
+            in_dim,
+            weight,
+        }
     }
 
     /// `x` is `[rows, in]`; returns `[rows, out]`.
@@ -71,8 +75,12 @@ mod tests {
     #[test]
     fn matches_naive_product() {
         let (rows, inp, out) = (5, 37, 23);
-        let w: Vec<f32> = (0..out * inp).map(|i| ((i * 31) % 17) as f32 / 7.0 - 1.0).collect();
-        let x: Vec<f32> = (0..rows * inp).map(|i| ((i * 13) % 11) as f32 / 5.0 - 1.0).collect();
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 31) % 17) as f32 / 7.0 - 1.0)
+            .collect();
+        let x: Vec<f32> = (0..rows * inp)
+            .map(|i| ((i * 13) % 11) as f32 / 5.0 - 1.0)
+            .collect();
         let l = Linear::new(w.clone(), out, inp);
         let y = l.forward(&x);
         for r in 0..rows {

@@ -26,7 +26,12 @@ impl Rope {
                 sin.push(a.sin() as f32);
             }
         }
-        Self { half, cos, sin, max_pos }
+        Self {
+            half,
+            cos,
+            sin,
+            max_pos,
+        }
     }
 
     pub fn max_positions(&self) -> usize {
@@ -35,7 +40,10 @@ impl Rope {
 
     /// Rotates every head of one token (`x` = `[heads, head_dim]`) for position `pos`.
     pub fn apply(&self, x: &mut [f32], pos: usize) {
-        let (c, s) = (&self.cos[pos * self.half..][..self.half], &self.sin[pos * self.half..][..self.half]);
+        let (c, s) = (
+            &self.cos[pos * self.half..][..self.half],
+            &self.sin[pos * self.half..][..self.half],
+        );
         for head in x.chunks_mut(2 * self.half) {
             let (a, b) = head.split_at_mut(self.half);
             for i in 0..self.half {

@@ -69,7 +69,11 @@ impl SideCodec for Fp8Side {
             .map(|v| sanitize(*v, self.dtype).abs())
             .fold(0f32, f32::max);
         let scale = self.dtype.round_saturating(amax / E4M3_MAX);
-        let scale = if scale > 0.0 && scale.is_finite() { scale } else { 1.0 };
+        let scale = if scale > 0.0 && scale.is_finite() {
+            scale
+        } else {
+            1.0
+        };
         self.dtype.store(scale, meta);
         for (b, v) in data.iter_mut().zip(x) {
             let y = (sanitize(*v, self.dtype) / scale).clamp(-E4M3_MAX, E4M3_MAX);
@@ -83,7 +87,11 @@ impl SideCodec for Fp8Side {
         }
     }
     fn dot(&self, q: &[f32], data: &[u8], meta: &[u8]) -> f32 {
-        let acc: f32 = q.iter().zip(data).map(|(q, b)| q * self.table[*b as usize]).sum();
+        let acc: f32 = q
+            .iter()
+            .zip(data)
+            .map(|(q, b)| q * self.table[*b as usize])
+            .sum();
         acc * self.scale(meta)
     }
     fn axpy(&self, p: f32, data: &[u8], meta: &[u8], out: &mut [f32]) {
