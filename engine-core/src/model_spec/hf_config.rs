@@ -58,7 +58,10 @@ pub(super) fn from_config_json_text(text: &str, origin: &str) -> Result<ModelSpe
         reason: format!("not a usable config.json: {e}"),
     })?;
     let num_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
-    let default_head_dim = c.hidden_size.checked_div(c.num_attention_heads).unwrap_or(0);
+    let default_head_dim = c
+        .hidden_size
+        .checked_div(c.num_attention_heads)
+        .unwrap_or(0);
     let (attention, head_dim_k, head_dim_v) = match c.kv_lora_rank {
         Some(_) => {
             let rope = c.qk_rope_head_dim.unwrap_or(0);
