@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 if [ -x scripts/fetch-model.sh ]; then
   scripts/fetch-model.sh
 fi
+export KVQ_REQUIRE_MODEL=1
 cargo test --workspace "$@"

@@ -13,6 +13,25 @@ use crate::backend::AttentionBackend;
 use crate::cache::{BlockPool, BlockTable, PagedKvCache};
 use crate::codec::{decode_k_model_domain, decode_v_model_domain, dot, KvCodec};
 
+/// The default model (`models/SmolLM2-135M-Instruct.Q4_1.gguf` in the repository), if present.
+/// Real-model tests skip with a message when it is absent, unless `KVQ_REQUIRE_MODEL=1` (set
+/// by `scripts/test.sh`), where its absence fails the test.
+pub fn default_model() -> Option<std::path::PathBuf> {
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.is_file() {
+        return Some(p);
+    }
+    if std::env::var("KVQ_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
+        panic!("{} is missing: run scripts/fetch-model.sh", p.display());
+    }
+    eprintln!(
+        "skipping: {} not found (run scripts/fetch-model.sh)",
+        p.display()
+    );
+    None
+}
+
 /// A seed from `KVQ_TEST_SEED`, or a fresh one from the clock; printed so a failure can be
 /// replayed.
 pub fn fresh_seed(label: &str) -> u64 {

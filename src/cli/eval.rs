@@ -32,8 +32,8 @@ pub struct EvalArgs {
     pub engine: EngineArgs,
 }
 
-const DEFAULT_CONFIGS: [&str; 7] = [
-    "pytorch:0",
+/// The reference (pytorch fp16 cache) is always the first row.
+const DEFAULT_CONFIGS: [&str; 6] = [
     "turbomind:0",
     "pytorch:8",
     "turbomind:8",

@@ -25,3 +25,15 @@ pub fn fixture_spec(name: &str) -> ModelSpec {
 pub fn config(toml: &str) -> EngineConfig {
     EngineConfig::from_toml_str(toml).expect("valid config")
 }
+
+/// The default model, if present (see [`engine_core::testing::default_model`]).
+pub fn default_model() -> Option<PathBuf> {
+    engine_core::testing::default_model()
+}
+
+/// Path of a file under `texts/`.
+pub fn text(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../texts")
+        .join(name)
+}

@@ -8,7 +8,7 @@ use crate::cache::{BlockPool, MemoryPlan, PagedKvCache};
 use crate::config::EngineConfig;
 use crate::error::KvqError;
 use crate::loader::{GgufTensors, Tokenizer};
-use crate::model::{load_llama, LlamaModel};
+use crate::model::{load_llama, LlamaModel, SafetensorsWeights};
 use crate::model_spec::{gguf::spec_from_gguf, ModelSpec};
 use crate::plan::ResolvedConfig;
 
@@ -34,7 +34,7 @@ pub struct Engine {
     pool: BlockPool,
 }
 
-/// Loads a model file's spec, weights and tokenizer (no cache).
+/// Loads a model's spec, weights and tokenizer (no cache) from a GGUF file or an HF directory.
 pub fn load_model(
     path: &Path,
     progress: &mut dyn FnMut(LoadStage),
@@ -47,27 +47,62 @@ pub fn load_model(
         });
     }
     if path.is_dir() {
-        return Err(KvqError::Model {
-            path: origin,
-            reason: "HF directories are not supported yet; use a GGUF file".into(),
-        });
+        return load_hf_dir(path, progress);
     }
     progress(LoadStage::ReadingHeader);
     let tensors = GgufTensors::open(path)?;
     let spec = spec_from_gguf(tensors.gguf(), &origin)?;
-    if spec.architecture != "llama" {
-        return Err(KvqError::Model {
-            path: origin,
-            reason: format!(
-                "architecture `{}` is not supported (llama is)",
-                spec.architecture
-            ),
-        });
-    }
+    check_architecture(&spec, &origin)?;
     progress(LoadStage::LoadingWeights);
     let model = load_llama(&tensors, &spec)?;
     progress(LoadStage::LoadingTokenizer);
     let tokenizer = Tokenizer::from_gguf(tensors.gguf(), &origin)?;
+    Ok((spec, model, tokenizer))
+}
+
+/// Refuses an architecture the forward pass does not implement.
+fn check_architecture(spec: &ModelSpec, origin: &str) -> Result<(), KvqError> {
+    if spec.architecture == "llama" {
+        return Ok(());
+    }
+    Err(KvqError::Model {
+        path: origin.to_string(),
+        reason: format!(
+            "architecture `{}` is not supported (llama is)",
+            spec.architecture
+        ),
+    })
+}
+
+/// Loads an HF model directory: `config.json`, `*.safetensors` weights (f32, f16 or bf16) and
+/// `tokenizer.json` (with `tokenizer_config.json` for BOS/EOS and the chat template).
+fn load_hf_dir(
+    dir: &Path,
+    progress: &mut dyn FnMut(LoadStage),
+) -> Result<(ModelSpec, LlamaModel, Tokenizer), KvqError> {
+    for (file, what) in [
+        ("config.json", "the model's shape"),
+        ("tokenizer.json", "the tokenizer"),
+    ] {
+        if !dir.join(file).is_file() {
+            return Err(KvqError::Model {
+                path: dir.display().to_string(),
+                reason: format!(
+                    "is a directory without {file} ({what}); a model is a GGUF file or an HF \
+                     directory with config.json, *.safetensors and tokenizer.json"
+                ),
+            });
+        }
+    }
+    progress(LoadStage::ReadingHeader);
+    let spec = ModelSpec::from_path(dir)?;
+    check_architecture(&spec, &dir.join("config.json").display().to_string())?;
+    let weights = SafetensorsWeights::open_dir(dir)?;
+    progress(LoadStage::LoadingWeights);
+    let model = load_llama(&weights, &spec)?;
+    drop(weights);
+    progress(LoadStage::LoadingTokenizer);
+    let tokenizer = Tokenizer::from_path(dir)?;
     Ok((spec, model, tokenizer))
 }
 
@@ -93,8 +128,8 @@ impl Engine {
     ) -> Result<Self, KvqError> {
         config.validate()?;
         let path = Path::new(&config.model.path);
-        if path.is_file() {
-            // Refuse a bad combination from the header alone, before loading any weights.
+        if path.exists() {
+            // Refuse a bad combination from the metadata alone, before loading any weights.
             ResolvedConfig::new(&ModelSpec::from_path(path)?, config)?;
         }
         let (spec, model, tokenizer) = load_model(path, progress)?;

@@ -8,21 +8,8 @@ use std::path::PathBuf;
 
 use super::{GgmlType, GgufTensors, Tokenizer};
 
-const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
 fn model_path() -> Option<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../models")
-        .join(MODEL);
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!(
-            "skipping: {} not found (run scripts/fetch-model.sh)",
-            path.display()
-        );
-        None
-    }
+    crate::testing::default_model()
 }
 
 /// (text, ids) with ids from the reference tokenizers; SmolLM2 adds no BOS/EOS.

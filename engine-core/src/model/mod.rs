@@ -1,8 +1,14 @@
 //! The Llama-family forward pass (RMSNorm, RoPE, GQA, SwiGLU, tied embeddings) running its
-//! attention through an [`crate::AttentionBackend`] over the paged cache.
+//! attention through an [`crate::AttentionBackend`] over the paged cache, with weights from a
+//! GGUF file or an HF directory's safetensors.
 
 mod llama;
+mod safetensors;
 mod weights;
 
+#[cfg(test)]
+mod hf_dir_tests;
+
+pub use self::safetensors::{hf_tensor_name, SafetensorsWeights, SAFETENSORS_INDEX};
 pub use llama::{LlamaLayer, LlamaModel, LogitsFor, SeqInput};
 pub use weights::{load_gguf_llama, load_llama, unpermute_rows, LlamaTensor, WeightSource};
