@@ -1,14 +1,35 @@
-//! CUDA kernels for kvq: CUDA C sources compiled at run time by NVRTC (no nvcc at build time),
-//! cached per process and on disk by source hash and architecture.
+//! CUDA kernels for kvq: CUDA C sources (`src/cuda/*.cu`) compiled at run time by NVRTC (no
+//! nvcc at build time), cached per process and on disk by source hash and architecture, and
+//! their typed launchers.
 //!
-//! Everything that calls CUDA is behind the `cuda` feature, which builds on machines without
-//! CUDA: the libraries are loaded at run time, and their absence is a [`KernelError`], never a
-//! panic.
+//! - [`spec`]: which codec, dtype and shape a kernel is specialised for, and the flattened cache
+//!   layout the kernels address bytes with (pure data, always built);
+//! - with the `cuda` feature: [`device::GpuContext`] (context, stream, module cache),
+//!   [`cache::GpuCache`] (the paged cache in device memory, same bytes as
+//!   `engine_core::cache::PagedKvCache`, with the quantize-and-store launcher),
+//!   [`decode::decode_attention`] (split-K paged decode attention) and [`timing`].
+//!
+//! The `cuda` feature builds on machines without CUDA: the libraries are loaded at run time,
+//! and their absence is a [`KernelError`], never a panic.
 
 mod error;
 pub mod nvrtc;
+pub mod spec;
 
+#[cfg(feature = "cuda")]
+pub mod cache;
+#[cfg(feature = "cuda")]
+pub mod decode;
+#[cfg(feature = "cuda")]
+pub mod device;
+#[cfg(feature = "cuda")]
+pub mod timing;
+
+/// The CUDA bindings the launchers take buffers of.
+#[cfg(feature = "cuda")]
+pub use cudarc;
 pub use error::KernelError;
+pub use spec::{GpuCodec, KernelKind, Specialization};
 
 /// GPU architectures the kernels are compiled and checked for (NVRTC 13 dropped Volta).
 pub const SUPPORTED_ARCHS: [&str; 4] = ["compute_75", "compute_80", "compute_89", "compute_90"];

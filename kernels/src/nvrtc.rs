@@ -8,11 +8,22 @@ use std::sync::{Mutex, OnceLock};
 
 use crate::KernelError;
 
-/// A CUDA C source to compile.
-#[derive(Debug, Clone, Copy)]
+/// A CUDA C source to compile, with its extra NVRTC options (specialisation `-D` macros).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelSource {
-    pub name: &'static str,
-    pub code: &'static str,
+    pub name: String,
+    pub code: String,
+    pub options: Vec<String>,
+}
+
+impl KernelSource {
+    pub fn new(name: impl Into<String>, code: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            code: code.into(),
+            options: Vec::new(),
+        }
+    }
 }
 
 /// Stable key of one compilation.
@@ -32,6 +43,7 @@ pub fn cache_key(src: &KernelSource, arch: &str) -> String {
     }
     let mut h = Fnv(0xcbf29ce484222325);
     src.code.hash(&mut h);
+    src.options.hash(&mut h);
     arch.hash(&mut h);
     format!("{}-{}-{:016x}", src.name, arch, h.finish())
 }
@@ -103,13 +115,15 @@ pub fn compile(src: &KernelSource, arch: &'static str) -> Result<String, KernelE
     if !nvrtc_available() {
         return Err(KernelError::LibraryMissing("libnvrtc"));
     }
+    let mut options = vec!["--std=c++17".to_string()];
+    options.extend(src.options.iter().cloned());
     let opts = CompileOptions {
         arch: Some(arch),
         name: Some(format!("{}.cu", src.name)),
-        options: vec!["--std=c++17".into()],
+        options,
         ..Default::default()
     };
-    let ptx = compile_ptx_with_opts(src.code, opts).map_err(|e| KernelError::Compile {
+    let ptx = compile_ptx_with_opts(&src.code, opts).map_err(|e| KernelError::Compile {
         name: src.name.to_string(),
         arch: arch.to_string(),
         log: format!("{e:?}"),
@@ -127,27 +141,27 @@ pub fn compile(_src: &KernelSource, _arch: &'static str) -> Result<String, Kerne
 mod tests {
     use super::*;
 
-    const A: KernelSource = KernelSource {
-        name: "a",
-        code: "extern \"C\" __global__ void a() {}",
-    };
+    fn a() -> KernelSource {
+        KernelSource::new("a", "extern \"C\" __global__ void a() {}")
+    }
 
     #[test]
-    fn cache_key_depends_on_source_and_arch() {
-        let b = KernelSource {
-            name: "a",
-            code: "extern \"C\" __global__ void a() { }",
-        };
-        assert_ne!(cache_key(&A, "compute_90"), cache_key(&A, "compute_80"));
-        assert_ne!(cache_key(&A, "compute_90"), cache_key(&b, "compute_90"));
-        assert_eq!(cache_key(&A, "compute_90"), cache_key(&A, "compute_90"));
+    fn cache_key_depends_on_source_options_and_arch() {
+        let a = a();
+        let b = KernelSource::new("a", "extern \"C\" __global__ void a() { }");
+        let mut c = a.clone();
+        c.options.push("-DX=1".into());
+        assert_ne!(cache_key(&a, "compute_90"), cache_key(&a, "compute_80"));
+        assert_ne!(cache_key(&a, "compute_90"), cache_key(&b, "compute_90"));
+        assert_ne!(cache_key(&a, "compute_90"), cache_key(&c, "compute_90"));
+        assert_eq!(cache_key(&a, "compute_90"), cache_key(&a, "compute_90"));
     }
 
     #[cfg(not(feature = "cuda"))]
     #[test]
     fn without_cuda_compiling_is_a_typed_error() {
         assert!(matches!(
-            compile(&A, "compute_90"),
+            compile(&a(), "compute_90"),
             Err(KernelError::NotBuilt)
         ));
         assert!(!nvrtc_available());

@@ -1,0 +1,116 @@
+// Shared by every kvq kernel. Compiled by NVRTC with no system headers: the f16/bf16
+// conversions are PTX or bit arithmetic, so nothing needs cuda_fp16.h.
+//
+// Specialisation macros, set by the launcher with -D:
+//   KVQ_CODEC  0 float (policy 0), 1 PyTorch-engine int8, 2 PyTorch-engine int4,
+//              3 TurboMind int8, 4 TurboMind int4, 5 TurboQuant (policy 42)
+//   KVQ_DTYPE  0 f16, 1 bf16 (the cache's and metadata's model dtype)
+//   KVQ_DK, KVQ_DV  head dims of K and V
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+typedef unsigned long long u64;
+
+#define CODEC_FLOAT 0
+#define CODEC_PT_INT8 1
+#define CODEC_PT_INT4 2
+#define CODEC_TM_INT8 3
+#define CODEC_TM_INT4 4
+#define CODEC_TQ 5
+
+#ifndef KVQ_CODEC
+#define KVQ_CODEC 0
+#endif
+#ifndef KVQ_DTYPE
+#define KVQ_DTYPE 0
+#endif
+#ifndef KVQ_DK
+#define KVQ_DK 128
+#endif
+#ifndef KVQ_DV
+#define KVQ_DV 128
+#endif
+
+// One of the four per-token arrays of a block: offset + head * head_stride + token * token_stride.
+struct Region {
+    i64 offset;
+    i64 head_stride;
+    i64 token_stride;
+};
+
+// The byte layout of the cache (engine_core::cache::CacheLayout), flattened.
+struct CacheParams {
+    Region kd, vd, km, vm;
+    i64 layer_bytes;
+    i64 num_blocks;
+    i64 num_layers;
+    i64 block_size;
+    i64 layer_major;  // 1: [layer][block][bytes]; 0: [block][layer][bytes]
+};
+
+__device__ __forceinline__ i64 layer_block_base(const CacheParams& p, int layer, i64 block) {
+    return p.layer_major ? ((i64)layer * p.num_blocks + block) * p.layer_bytes
+                         : (block * p.num_layers + layer) * p.layer_bytes;
+}
+
+__device__ __forceinline__ float f_inf() { return __int_as_float(0x7f800000); }
+
+// ---- f16 / bf16 <-> f32, round to nearest even, as the `half` crate ----
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+}
+
+#if KVQ_DTYPE == 0
+__device__ __forceinline__ float t_load(u16 h) { return f16_to_f32(h); }
+__device__ __forceinline__ u16 t_store(float f) { return f32_to_f16(f); }
+#define T_MAX 65504.0f
+#else
+__device__ __forceinline__ float t_load(u16 h) { return bf16_to_f32(h); }
+__device__ __forceinline__ u16 t_store(float f) { return f32_to_bf16(f); }
+#define T_MAX 3.38953139e38f
+#endif
+
+__device__ __forceinline__ float t_round(float x) { return t_load(t_store(x)); }
+// NaN -> 0, +-inf -> +-T_MAX (engine_core::dtype::sanitize).
+__device__ __forceinline__ float sanitize(float x) {
+    return isnan(x) ? 0.0f : fminf(fmaxf(x, -T_MAX), T_MAX);
+}
+__device__ __forceinline__ float t_round_sat(float x) { return t_round(fminf(fmaxf(x, -T_MAX), T_MAX)); }
+
+// ---- warp reductions ----
+__device__ __forceinline__ float warp_min(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ double warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// ---- TurboQuant Lloyd-Max codebooks at sigma = 1 (backend-pytorchlike lloyd_max.rs) ----
+__constant__ float KVQ_C2[4] = {-1.5104176f, -0.4527808f, 0.4527808f, 1.5104176f};
+__constant__ float KVQ_B2[3] = {-0.9815992f, 0.0f, 0.9815992f};
+__constant__ float KVQ_C3[8] = {-2.1519456f, -1.3439093f, -0.7560052f, -0.2450942f,
+                                0.2450942f,  0.7560052f,  1.3439093f,  2.1519456f};
+__constant__ float KVQ_B3[7] = {-1.7479274f, -1.0499573f, -0.5005497f, 0.0f,
+                                0.5005497f,  1.0499573f,  1.7479274f};

@@ -1,0 +1,438 @@
+//! What a kernel is specialised for (codec, dtype, head dims, GQA group) and the flattened
+//! cache layout the kernels address bytes with. Pure data: builds without CUDA.
+
+use engine_core::cache::{CacheLayout, LayerPlacement, RegionLayout};
+use engine_core::codec::KvCodec;
+use engine_core::KvDtype;
+
+use crate::nvrtc::KernelSource;
+use crate::KernelError;
+
+const COMMON: &str = include_str!("cuda/common.cuh");
+const STORE: &str = include_str!("cuda/store.cu");
+const DECODE: &str = include_str!("cuda/decode.cu");
+
+/// The built-in codecs that have GPU kernels. The names are what a codec reports through
+/// [`KvCodec::gpu_kernel`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GpuCodec {
+    /// Policy 0: values in the model dtype.
+    Float,
+    /// Policy 8, PyTorch-engine semantics.
+    PtInt8,
+    /// Policy 4, PyTorch-engine semantics (half-split nibbles).
+    PtInt4,
+    /// Policy 8, TurboMind semantics.
+    TmInt8,
+    /// Policy 4, TurboMind semantics (8-element interleaved nibbles).
+    TmInt4,
+    /// Policy 42, TurboQuant (Hadamard domain, K 3-bit + sign, V 2-bit).
+    TurboQuant,
+}
+
+impl GpuCodec {
+    pub const ALL: [GpuCodec; 6] = [
+        GpuCodec::Float,
+        GpuCodec::PtInt8,
+        GpuCodec::PtInt4,
+        GpuCodec::TmInt8,
+        GpuCodec::TmInt4,
+        GpuCodec::TurboQuant,
+    ];
+
+    /// The kernel family name a codec reports through [`KvCodec::gpu_kernel`].
+    pub fn kernel_name(self) -> &'static str {
+        match self {
+            GpuCodec::Float => "float",
+            GpuCodec::PtInt8 => "pt_int8",
+            GpuCodec::PtInt4 => "pt_int4",
+            GpuCodec::TmInt8 => "tm_int8",
+            GpuCodec::TmInt4 => "tm_int4",
+            GpuCodec::TurboQuant => "turbo_quant",
+        }
+    }
+
+    pub fn from_kernel_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.kernel_name() == name)
+    }
+
+    /// The GPU codec of `codec`, or an error that names it.
+    pub fn of(codec: &dyn KvCodec) -> Result<Self, KernelError> {
+        codec
+            .gpu_kernel()
+            .and_then(Self::from_kernel_name)
+            .ok_or_else(|| {
+                KernelError::Unsupported(format!(
+                    "codec \"{}\" has no GPU kernel (GPU codecs: none, int8, int4, turbo_quant)",
+                    codec.name()
+                ))
+            })
+    }
+
+    /// `KVQ_CODEC` in the CUDA sources.
+    fn id(self) -> u32 {
+        match self {
+            GpuCodec::Float => 0,
+            GpuCodec::PtInt8 => 1,
+            GpuCodec::PtInt4 => 2,
+            GpuCodec::TmInt8 => 3,
+            GpuCodec::TmInt4 => 4,
+            GpuCodec::TurboQuant => 5,
+        }
+    }
+}
+
+/// One compiled variant of the kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Specialization {
+    pub codec: GpuCodec,
+    pub dtype: KvDtype,
+    pub head_dim_k: usize,
+    pub head_dim_v: usize,
+    /// Query heads per KV head (decode only; 1 for the store kernel).
+    pub group: usize,
+}
+
+/// The kernel sources.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelKind {
+    /// `kvq_store_kv`: quantize-and-store of new tokens.
+    Store,
+    /// `kvq_decode_split` + `kvq_decode_reduce`: split-K paged decode attention.
+    Decode,
+}
+
+impl KernelKind {
+    pub const ALL: [KernelKind; 2] = [KernelKind::Store, KernelKind::Decode];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelKind::Store => "store",
+            KernelKind::Decode => "decode",
+        }
+    }
+
+    fn body(self) -> &'static str {
+        match self {
+            KernelKind::Store => STORE,
+            KernelKind::Decode => DECODE,
+        }
+    }
+}
+
+/// Largest GQA group the decode kernel takes (two tiles of four heads).
+pub const MAX_GROUP: usize = 8;
+/// Head dims the decode kernel is built for.
+pub const DECODE_HEAD_DIMS: [usize; 2] = [64, 128];
+/// Largest head dim the store kernel takes.
+pub const MAX_STORE_HEAD_DIM: usize = 1024;
+
+impl Specialization {
+    /// The source and `-D` options of `kind` for this specialization.
+    pub fn source(&self, kind: KernelKind) -> KernelSource {
+        let dtype = match self.dtype {
+            KvDtype::Bf16 => 1,
+            _ => 0,
+        };
+        let group = if kind == KernelKind::Decode {
+            self.group
+        } else {
+            1
+        };
+        let mut src = KernelSource::new(
+            format!(
+                "{}_{}_{:?}_k{}_v{}_g{}",
+                kind.name(),
+                self.codec.kernel_name(),
+                self.dtype,
+                self.head_dim_k,
+                self.head_dim_v,
+                group
+            )
+            .to_lowercase(),
+            format!("{COMMON}\n{}", kind.body()),
+        );
+        src.options = vec![
+            format!("-DKVQ_CODEC={}", self.codec.id()),
+            format!("-DKVQ_DTYPE={dtype}"),
+            format!("-DKVQ_DK={}", self.head_dim_k),
+            format!("-DKVQ_DV={}", self.head_dim_v),
+            format!("-DKVQ_G={group}"),
+        ];
+        src
+    }
+
+    /// Checks what the store kernel needs.
+    pub fn check_store(&self) -> Result<(), KernelError> {
+        self.check_common()?;
+        for (side, d) in [("K", self.head_dim_k), ("V", self.head_dim_v)] {
+            if d == 0 || d > MAX_STORE_HEAD_DIM {
+                return Err(KernelError::Unsupported(format!(
+                    "{side} head dim {d}: the store kernel takes 1..={MAX_STORE_HEAD_DIM}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks what the decode kernel needs.
+    pub fn check_decode(&self) -> Result<(), KernelError> {
+        self.check_common()?;
+        for (side, d) in [("K", self.head_dim_k), ("V", self.head_dim_v)] {
+            if !DECODE_HEAD_DIMS.contains(&d) {
+                return Err(KernelError::Unsupported(format!(
+                    "{side} head dim {d}: the decode kernel is built for head dims {DECODE_HEAD_DIMS:?}"
+                )));
+            }
+        }
+        if self.group == 0 || self.group > MAX_GROUP {
+            return Err(KernelError::Unsupported(format!(
+                "{} query heads per KV head: the decode kernel takes 1..={MAX_GROUP}",
+                self.group
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_common(&self) -> Result<(), KernelError> {
+        if self.dtype == KvDtype::F32 {
+            return Err(KernelError::Unsupported(
+                "an f32 cache: the GPU kernels store f16 or bf16 (set dtype = \"float16\" or \"bfloat16\")".into(),
+            ));
+        }
+        let (dk, dv) = (self.head_dim_k, self.head_dim_v);
+        let ok = match self.codec {
+            GpuCodec::Float | GpuCodec::PtInt8 | GpuCodec::TmInt8 => true,
+            GpuCodec::PtInt4 => dk % 2 == 0 && dv % 2 == 0,
+            GpuCodec::TmInt4 => dk % 8 == 0 && dv % 8 == 0,
+            GpuCodec::TurboQuant => {
+                dk.is_power_of_two() && dv.is_power_of_two() && dk >= 4 && dv >= 4
+            }
+        };
+        if !ok {
+            return Err(KernelError::Unsupported(format!(
+                "head dims {dk}/{dv} do not fit codec {}",
+                self.codec.kernel_name()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One region of a block, as the kernels take it (`struct Region` in common.cuh).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegionParams {
+    pub offset: i64,
+    pub head_stride: i64,
+    pub token_stride: i64,
+}
+
+/// The cache layout as the kernels take it (`struct CacheParams` in common.cuh).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheParams {
+    pub kd: RegionParams,
+    pub vd: RegionParams,
+    pub km: RegionParams,
+    pub vm: RegionParams,
+    pub layer_bytes: i64,
+    pub num_blocks: i64,
+    pub num_layers: i64,
+    pub block_size: i64,
+    pub layer_major: i64,
+}
+
+#[cfg(feature = "cuda")]
+// SAFETY: plain `repr(C)` integers, the same fields in the same order as the CUDA struct.
+unsafe impl cudarc::driver::DeviceRepr for CacheParams {}
+
+impl CacheParams {
+    pub fn new(layout: &CacheLayout, num_blocks: usize) -> Self {
+        let r = |r: &RegionLayout| RegionParams {
+            offset: r.offset as i64,
+            head_stride: r.head_stride as i64,
+            token_stride: r.token_stride as i64,
+        };
+        Self {
+            kd: r(&layout.k_data),
+            vd: r(&layout.v_data),
+            km: r(&layout.k_meta),
+            vm: r(&layout.v_meta),
+            layer_bytes: layout.layer_bytes as i64,
+            num_blocks: num_blocks as i64,
+            num_layers: layout.num_layers as i64,
+            block_size: layout.block_size as i64,
+            layer_major: (layout.placement == LayerPlacement::LayerMajor) as i64,
+        }
+    }
+}
+
+/// Checks that the decode kernel's vector loads are aligned in `layout`: every K row piece the
+/// kernel reads with one load starts on a multiple of its width.
+pub fn check_decode_layout(spec: &Specialization, layout: &CacheLayout) -> Result<(), KernelError> {
+    if layout.block_size < 16 || !layout.block_size.is_power_of_two() {
+        return Err(KernelError::Unsupported(format!(
+            "block size {}: the decode kernel reads 16-token tiles and needs a power-of-two block size of at least 16",
+            layout.block_size
+        )));
+    }
+    if layout.layer_bytes > i32::MAX as usize {
+        return Err(KernelError::Unsupported(format!(
+            "{} bytes per layer and block: the decode kernel addresses inside a block with 32-bit offsets",
+            layout.layer_bytes
+        )));
+    }
+    let (kbits, vbits) = match spec.codec {
+        GpuCodec::Float => (16, 16),
+        GpuCodec::PtInt8 | GpuCodec::TmInt8 => (8, 8),
+        GpuCodec::PtInt4 | GpuCodec::TmInt4 => (4, 4),
+        GpuCodec::TurboQuant => (4, 2),
+    };
+    let kp = (spec.head_dim_k * kbits / 32).min(16);
+    let vp = (spec.head_dim_v * vbits / 64).min(16);
+    let meta = if spec.codec == GpuCodec::Float { 1 } else { 4 };
+    let vmeta = if spec.codec == GpuCodec::TurboQuant {
+        2
+    } else {
+        meta
+    };
+    let checks = [
+        ("K data", &layout.k_data, kp),
+        ("V data", &layout.v_data, vp),
+        ("K metadata", &layout.k_meta, meta),
+        ("V metadata", &layout.v_meta, vmeta),
+    ];
+    for (what, r, align) in checks {
+        for v in [r.offset, r.head_stride, r.token_stride, layout.layer_bytes] {
+            if v % align != 0 {
+                return Err(KernelError::Unsupported(format!(
+                    "{what} region of this layout is not {align}-byte aligned ({r:?}, layer bytes {})",
+                    layout.layer_bytes
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The specialisations the NVRTC compile check builds: every codec with each cache dtype at
+/// head dim 128, and at SmolLM2's shape (64, group 3) in f16.
+pub fn compile_check_set() -> Vec<Specialization> {
+    let mut v = Vec::new();
+    for codec in GpuCodec::ALL {
+        for dtype in [KvDtype::F16, KvDtype::Bf16] {
+            v.push(Specialization {
+                codec,
+                dtype,
+                head_dim_k: 128,
+                head_dim_v: 128,
+                group: 4,
+            });
+        }
+        v.push(Specialization {
+            codec,
+            dtype: KvDtype::F16,
+            head_dim_k: 64,
+            head_dim_v: 64,
+            group: 3,
+        });
+    }
+    v
+}
+
+/// Resident CTAs per multiprocessor the decode kernel is built for (`__launch_bounds__`).
+const CTAS_PER_SM: usize = 2;
+/// Fewest tokens a split gets: enough work per CTA to amortise its set-up and merge.
+const MIN_SPLIT_TOKENS: usize = 512;
+
+/// How the context was split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodePlan {
+    pub splits: usize,
+    pub tokens_per_split: usize,
+}
+
+/// Chooses the split-K grid: enough CTAs for about four waves of the GPU, every split a
+/// multiple of 16 tokens and at least [`MIN_SPLIT_TOKENS`] long.
+pub fn plan_splits(
+    sm_count: usize,
+    batch: usize,
+    kv_heads: usize,
+    max_context: usize,
+) -> DecodePlan {
+    let base = (batch * kv_heads).max(1);
+    // About four waves of resident CTAs: small per-CTA work hides the tail of the last wave.
+    let target = 4 * CTAS_PER_SM * sm_count.max(1);
+    let most = max_context.div_ceil(MIN_SPLIT_TOKENS).max(1);
+    let splits = target.div_ceil(base).clamp(1, most);
+    let tokens_per_split = max_context.div_ceil(splits).div_ceil(16).max(1) * 16;
+    DecodePlan {
+        splits: max_context.div_ceil(tokens_per_split).max(1),
+        tokens_per_split,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use engine_core::codec::SideBytes;
+
+    #[test]
+    fn names_round_trip() {
+        for c in GpuCodec::ALL {
+            assert_eq!(GpuCodec::from_kernel_name(c.kernel_name()), Some(c));
+        }
+        assert_eq!(GpuCodec::from_kernel_name("fp8"), None);
+    }
+
+    #[test]
+    fn params_follow_the_layout() {
+        let s = |d, m| SideBytes { data: d, meta: m };
+        let l = CacheLayout::token_major(s(64, 4), s(32, 2), 2, 8, 64, 256);
+        let p = CacheParams::new(&l, 10);
+        assert_eq!(p.vd.offset as usize, l.v_data.offset);
+        assert_eq!(p.km.token_stride as usize, l.k_meta.token_stride);
+        assert_eq!(p.layer_major, 1);
+        assert_eq!(p.num_blocks, 10);
+        assert_eq!(std::mem::size_of::<CacheParams>(), 4 * 24 + 5 * 8);
+    }
+
+    #[test]
+    fn decode_refuses_what_it_cannot_run() {
+        let spec = |codec, dk, g| Specialization {
+            codec,
+            dtype: KvDtype::F16,
+            head_dim_k: dk,
+            head_dim_v: dk,
+            group: g,
+        };
+        assert!(spec(GpuCodec::PtInt4, 128, 4).check_decode().is_ok());
+        assert!(spec(GpuCodec::PtInt4, 96, 4).check_decode().is_err());
+        assert!(spec(GpuCodec::Float, 128, 9).check_decode().is_err());
+        let mut f32 = spec(GpuCodec::Float, 64, 1);
+        f32.dtype = KvDtype::F32;
+        assert!(matches!(
+            f32.check_store(),
+            Err(KernelError::Unsupported(_))
+        ));
+    }
+
+    #[test]
+    fn splits_cover_the_context_in_16_token_steps() {
+        for (b, h, ctx) in [
+            (32, 8, 32768),
+            (1, 8, 32768),
+            (32, 3, 32768),
+            (3, 2, 17),
+            (1, 1, 1),
+        ] {
+            let p = plan_splits(132, b, h, ctx);
+            assert_eq!(p.tokens_per_split % 16, 0);
+            assert!(p.splits * p.tokens_per_split >= ctx);
+            assert!((p.splits - 1) * p.tokens_per_split < ctx, "{p:?}");
+        }
+        // Batch 1 at long context spreads over the whole GPU.
+        assert!(plan_splits(132, 1, 8, 32768).splits * 8 >= 2 * 132);
+    }
+}
