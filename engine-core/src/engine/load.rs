@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use super::request::{GenerationOutput, Request, TokenEvent};
-use super::scheduler::{Scheduler, SchedulerLimits};
+use super::scheduler::{Scheduler, SchedulerLimits, StepStats};
 use crate::cache::{BlockPool, MemoryPlan, PagedKvCache};
 use crate::config::EngineConfig;
 use crate::error::KvqError;
@@ -32,7 +32,13 @@ pub struct Engine {
     pub plan: MemoryPlan,
     cache: PagedKvCache,
     pool: BlockPool,
+    sched: Scheduler,
+    preempted: u64,
 }
+
+/// Prompt tokens one step processes over all sequences (chunked prefill), so a long prompt
+/// shares steps with the decoding sequences instead of stalling them.
+pub const DEFAULT_MAX_PREFILL_TOKENS: usize = 1024;
 
 /// Loads a model's spec, weights and tokenizer (no cache) from a GGUF file or an HF directory.
 pub fn load_model(
@@ -136,80 +142,206 @@ impl Engine {
         let resolved = ResolvedConfig::new(&spec, config)?;
         progress(LoadStage::AllocatingCache);
         let plan = plan_cpu_cache(&resolved, config)?;
+        let engine = Self::from_parts(config.clone(), spec, model, tokenizer, resolved, plan);
+        progress(LoadStage::Ready);
+        Ok(engine)
+    }
+
+    /// An engine from parts already built (a cache of `plan.num_blocks` blocks is allocated).
+    pub fn from_parts(
+        config: EngineConfig,
+        spec: ModelSpec,
+        model: LlamaModel,
+        tokenizer: Tokenizer,
+        resolved: ResolvedConfig,
+        plan: MemoryPlan,
+    ) -> Self {
         let cache = PagedKvCache::new(
             resolved.layout.clone(),
             resolved.codec.clone(),
             plan.num_blocks,
         );
         let pool = BlockPool::new(plan.num_blocks);
-        progress(LoadStage::Ready);
-        Ok(Self {
+        let limits = SchedulerLimits {
+            max_batch_size: config.engine.max_batch_size,
+            session_len: config
+                .engine
+                .session_len
+                .min(spec.max_position_embeddings)
+                .min(plan.num_blocks * cache.block_size()),
+            max_prefill_tokens: DEFAULT_MAX_PREFILL_TOKENS,
+        };
+        let sched = Scheduler::new(limits, tokenizer.eos_id());
+        Self {
             spec,
-            config: config.clone(),
+            config,
             model,
             tokenizer,
             resolved,
             plan,
             cache,
             pool,
-        })
+            sched,
+            preempted: 0,
+        }
     }
 
-    /// Blocks not held by any sequence (all of them between calls).
+    /// The cache plan in one line: backend, codec, block count, token capacity and the
+    /// capacity relative to the fp16 cache.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} backend, KV codec {} ({:.2} bits/element): {} blocks of {} tokens = {} tokens, {:.2}x the fp16 cache; session_len {}",
+            self.resolved.backend.name(),
+            self.resolved.codec.name(),
+            self.resolved.codec.bits_per_element(),
+            self.plan.num_blocks,
+            self.plan.block_size,
+            self.plan.token_capacity,
+            self.plan.ratio_to_fp16,
+            self.limits().session_len,
+        )
+    }
+
+    /// Blocks not held by any sequence (all of them when no request is active).
     pub fn free_blocks(&self) -> usize {
         self.pool.num_free()
     }
 
-    /// Generates for every request, batching them; `on_event` sees each token as it comes.
+    /// The limits requests run within; `session_len` is the configured one capped by the
+    /// model's context and the cache's token capacity.
+    pub fn limits(&self) -> SchedulerLimits {
+        *self.sched.limits()
+    }
+
+    /// Changes the prompt tokens processed per step (chunked prefill); at least 1.
+    pub fn set_max_prefill_tokens(&mut self, n: usize) {
+        let mut limits = self.limits();
+        limits.max_prefill_tokens = n.max(1);
+        self.sched.set_limits(limits);
+    }
+
+    /// Blocks held by active requests; with [`Engine::free_blocks`] it must add up to the
+    /// pool.
+    #[cfg(test)]
+    pub(super) fn held_blocks(&self) -> usize {
+        self.sched.held_blocks()
+    }
+
+    /// Requests waiting for blocks or a batch slot.
+    pub fn num_waiting(&self) -> usize {
+        self.sched.num_waiting()
+    }
+
+    /// Requests in the running batch.
+    pub fn num_running(&self) -> usize {
+        self.sched.num_running()
+    }
+
+    /// Preemptions (a running request's blocks freed for recomputation) since loading.
+    pub fn preemptions(&self) -> u64 {
+        self.preempted
+    }
+
+    pub fn has_work(&self) -> bool {
+        self.sched.has_work()
+    }
+
+    /// Queues a request; it joins the running batch at a later [`Engine::step`]. Returns its
+    /// id, which its [`TokenEvent`]s and output carry.
+    pub fn submit(&mut self, request: Request) -> Result<usize, KvqError> {
+        self.sched.submit(request)
+    }
+
+    /// Removes a waiting or running request and frees its blocks; whether it was active.
+    pub fn cancel(&mut self, id: usize) -> Result<bool, KvqError> {
+        self.sched.cancel(id, &mut self.pool)
+    }
+
+    /// Cancels every request; returns their ids.
+    pub fn cancel_all(&mut self) -> Result<Vec<usize>, KvqError> {
+        self.sched.cancel_all(&mut self.pool)
+    }
+
+    /// One forward pass over the running batch (admitting and preempting as blocks allow);
+    /// the tokens it sampled are appended to `events`.
+    pub fn step(&mut self, events: &mut Vec<TokenEvent>) -> Result<StepStats, KvqError> {
+        let stats = self.sched.step(
+            &self.model,
+            self.resolved.backend.as_ref(),
+            &mut self.cache,
+            &mut self.pool,
+            &self.tokenizer,
+            events,
+        )?;
+        self.preempted += stats.preempted as u64;
+        Ok(stats)
+    }
+
+    /// Requests finished since the last call, as (id, output).
+    pub fn take_finished(&mut self) -> Vec<(usize, GenerationOutput)> {
+        self.sched.take_finished()
+    }
+
+    /// Generates for every request, batching them, and returns their outputs in order;
+    /// `on_event` sees each token as it comes, with [`TokenEvent::request`] the request's
+    /// position in `requests`. The engine must be idle (no request from [`Engine::submit`]
+    /// still active).
     pub fn generate(
         &mut self,
         requests: Vec<Request>,
         on_event: &mut dyn FnMut(&TokenEvent),
     ) -> Result<Vec<GenerationOutput>, KvqError> {
-        let limits = SchedulerLimits {
-            max_batch_size: self.config.engine.max_batch_size,
-            session_len: self
-                .config
-                .engine
-                .session_len
-                .min(self.spec.max_position_embeddings),
-            max_prefill_tokens: 4096,
-        };
-        let mut sched = Scheduler::new(limits, self.tokenizer.eos_id());
-        let n = requests.len();
-        for r in requests {
-            sched.submit(r)?;
+        if self.has_work() {
+            return Err(KvqError::InvalidArgument(
+                "generate needs an idle engine; submitted requests are still active".into(),
+            ));
         }
-        let mut outputs: Vec<Option<GenerationOutput>> = vec![None; n];
-        let mut events = Vec::new();
-        while sched.has_work() {
-            events.clear();
-            sched.step(
-                &self.model,
-                self.resolved.backend.as_ref(),
-                &mut self.cache,
-                &mut self.pool,
-                &self.tokenizer,
-                &mut events,
-            )?;
-            events.iter().for_each(&mut *on_event);
-            for (index, mut ids, prompt_tokens, finish_reason) in sched.take_finished() {
-                if finish_reason == super::FinishReason::Stop {
-                    ids.pop(); // the stop token itself is not part of the answer
+        let mut ids = Vec::with_capacity(requests.len());
+        for r in requests {
+            match self.submit(r) {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    self.cancel_ids(&ids)?;
+                    return Err(e);
                 }
-                let text = self.tokenizer.decode_with(&ids, true)?;
-                outputs[index] = Some(GenerationOutput {
-                    text,
-                    token_ids: ids,
-                    prompt_tokens,
-                    finish_reason,
-                });
+            }
+        }
+        let position = |id: usize| ids.iter().position(|&i| i == id);
+        let mut outputs: Vec<Option<GenerationOutput>> = vec![None; ids.len()];
+        let mut remaining = ids.len();
+        let mut events = Vec::new();
+        while remaining > 0 {
+            events.clear();
+            if let Err(e) = self.step(&mut events) {
+                self.cancel_ids(&ids)?;
+                return Err(e);
+            }
+            for e in &events {
+                if let Some(p) = position(e.request) {
+                    on_event(&TokenEvent {
+                        request: p,
+                        ..e.clone()
+                    });
+                }
+            }
+            for (id, out) in self.take_finished() {
+                if let Some(p) = position(id) {
+                    outputs[p] = Some(out);
+                    remaining -= 1;
+                }
             }
         }
         Ok(outputs
             .into_iter()
             .map(|o| o.expect("every request finishes"))
             .collect())
+    }
+
+    fn cancel_ids(&mut self, ids: &[usize]) -> Result<(), KvqError> {
+        for &id in ids {
+            self.cancel(id)?;
+        }
+        Ok(())
     }
 }
 

@@ -1,12 +1,23 @@
 //! The engine: a loaded model, its tokenizer, a paged KV cache sized by the memory planner, and
-//! a scheduler that batches requests over it.
+//! a continuous-batching scheduler over it; [`EngineHandle`] runs it on its own thread behind
+//! an async API.
 
 mod detok;
+mod handle;
 mod load;
 mod request;
 mod scheduler;
+mod stop;
+
+#[cfg(test)]
+mod tests;
 
 pub use detok::IncrementalDecoder;
-pub use load::{available_memory_bytes, load_model, Engine, LoadStage};
+pub use handle::{
+    AsyncEngine, EngineEvent, EngineHandle, EngineInfo, EngineStats, EventResult, EventStream,
+    RequestStream,
+};
+pub use load::{available_memory_bytes, load_model, Engine, LoadStage, DEFAULT_MAX_PREFILL_TOKENS};
 pub use request::{FinishReason, GenerationOutput, Request, TokenEvent};
-pub use scheduler::{Scheduler, StepStats};
+pub use scheduler::{Scheduler, SchedulerLimits, StepStats};
+pub use stop::StopMatcher;

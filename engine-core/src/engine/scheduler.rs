@@ -1,23 +1,30 @@
-//! First-come-first-served batching over the paged cache: admission by free blocks, one
-//! forward per step for every running sequence (prompt chunks and single decode tokens
-//! together), and preemption by recomputation when blocks run out, so a request is delayed but
-//! never lost.
+//! Continuous batching over the paged cache, first come first served: requests join the
+//! running batch as soon as blocks and batch slots allow and leave it the step they finish or
+//! are cancelled; every step is one forward pass over all running sequences (prompt chunks
+//! and single decode tokens together, prompts chunked so long ones do not stall decoding);
+//! when blocks run out the most recently admitted sequence is preempted (its blocks freed, its
+//! K/V recomputed when it is readmitted), so a request is delayed but never lost.
 
 use std::collections::VecDeque;
 
 use super::detok::IncrementalDecoder;
-use super::request::{FinishReason, Request, TokenEvent};
+use super::request::{FinishReason, GenerationOutput, Request, TokenEvent};
+use super::stop::StopMatcher;
 use crate::backend::AttentionBackend;
 use crate::cache::{BlockPool, BlockTable, PagedKvCache};
 use crate::error::KvqError;
 use crate::loader::Tokenizer;
 use crate::model::{LlamaModel, LogitsFor, SeqInput};
+use crate::ops::linear::{Kernel, Path, DEQUANT_MIN_ROWS};
 use crate::sampling::Sampler;
 
 /// Limits the scheduler works within.
 #[derive(Debug, Clone, Copy)]
 pub struct SchedulerLimits {
     pub max_batch_size: usize,
+    /// Most tokens (prompt + generated) of one sequence; a sequence that reaches it finishes
+    /// with [`FinishReason::Length`]. At most the cache's token capacity, so a sequence
+    /// running alone always fits.
     pub session_len: usize,
     /// Prompt tokens processed per step over all sequences (chunked prefill).
     pub max_prefill_tokens: usize,
@@ -32,13 +39,34 @@ struct Sequence {
     table: BlockTable,
     sampler: Sampler,
     stop_ids: Vec<u32>,
+    stop: StopMatcher,
     detok: IncrementalDecoder,
+    /// Text released so far (what the events carried).
+    text: String,
+    /// Ended by EOS or a stop id (that token is not part of the answer).
+    ended_by_token: bool,
     finished: Option<FinishReason>,
 }
 
 impl Sequence {
     fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
+    }
+
+    fn output(self) -> (usize, GenerationOutput) {
+        let mut ids = self.tokens[self.prompt_len..].to_vec();
+        let completion_tokens = ids.len();
+        if self.ended_by_token {
+            ids.pop();
+        }
+        let output = GenerationOutput {
+            text: self.text,
+            token_ids: ids,
+            prompt_tokens: self.prompt_len,
+            completion_tokens,
+            finish_reason: self.finished.expect("finished"),
+        };
+        (self.index, output)
     }
 }
 
@@ -72,6 +100,15 @@ impl Scheduler {
         }
     }
 
+    pub fn limits(&self) -> &SchedulerLimits {
+        &self.limits
+    }
+
+    /// Changes the limits; they apply from the next step.
+    pub fn set_limits(&mut self, limits: SchedulerLimits) {
+        self.limits = limits;
+    }
+
     /// Queues a request; returns its index. A prompt that cannot fit the session is refused.
     pub fn submit(&mut self, req: Request) -> Result<usize, KvqError> {
         if req.prompt.is_empty() {
@@ -85,6 +122,11 @@ impl Scheduler {
             )));
         }
         req.params.validate().map_err(KvqError::InvalidArgument)?;
+        if req.params.max_new_tokens == 0 {
+            return Err(KvqError::InvalidArgument(
+                "max_new_tokens must be at least 1".into(),
+            ));
+        }
         let index = self.next_index;
         self.next_index += 1;
         self.waiting.push_back(Sequence {
@@ -95,7 +137,10 @@ impl Scheduler {
             table: BlockTable::default(),
             sampler: Sampler::new(req.params),
             stop_ids: req.stop_ids,
+            stop: StopMatcher::new(req.stop),
             detok: IncrementalDecoder::new(),
+            text: String::new(),
+            ended_by_token: false,
             finished: None,
         });
         Ok(index)
@@ -105,20 +150,58 @@ impl Scheduler {
         !self.waiting.is_empty() || !self.running.is_empty()
     }
 
-    /// Finished sequences as (index, tokens after the prompt, prompt length, reason).
-    pub fn take_finished(&mut self) -> Vec<(usize, Vec<u32>, usize, FinishReason)> {
-        self.finished
-            .drain(..)
-            .map(|s| {
-                let reason = s.finished.expect("finished");
-                (
-                    s.index,
-                    s.tokens[s.prompt_len..].to_vec(),
-                    s.prompt_len,
-                    reason,
-                )
-            })
-            .collect()
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Blocks held by waiting and running sequences (for accounting checks).
+    #[cfg(test)]
+    pub(super) fn held_blocks(&self) -> usize {
+        self.waiting
+            .iter()
+            .chain(&self.running)
+            .map(|s| s.table.blocks.len())
+            .sum()
+    }
+
+    /// Removes request `index` wherever it is, returning its blocks to `pool`. Returns whether
+    /// it was still there (a finished request whose output was taken is not).
+    pub fn cancel(&mut self, index: usize, pool: &mut BlockPool) -> Result<bool, KvqError> {
+        if let Some(i) = self.waiting.iter().position(|s| s.index == index) {
+            let mut seq = self.waiting.remove(i).expect("position exists");
+            seq.table.release_all(pool)?;
+            return Ok(true);
+        }
+        if let Some(i) = self.running.iter().position(|s| s.index == index) {
+            let mut seq = self.running.remove(i);
+            seq.table.release_all(pool)?;
+            return Ok(true);
+        }
+        if let Some(i) = self.finished.iter().position(|s| s.index == index) {
+            self.finished.remove(i);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Cancels every request (e.g. after a failed step); returns their indices.
+    pub fn cancel_all(&mut self, pool: &mut BlockPool) -> Result<Vec<usize>, KvqError> {
+        let mut cancelled = Vec::new();
+        for mut seq in self.waiting.drain(..).chain(self.running.drain(..)) {
+            seq.table.release_all(pool)?;
+            cancelled.push(seq.index);
+        }
+        cancelled.extend(self.finished.drain(..).map(|s| s.index));
+        Ok(cancelled)
+    }
+
+    /// Finished requests as (index, output), in the order they finished.
+    pub fn take_finished(&mut self) -> Vec<(usize, GenerationOutput)> {
+        self.finished.drain(..).map(Sequence::output).collect()
     }
 
     /// Admits waiting sequences while blocks and batch slots allow (first come, first served:
@@ -195,7 +278,8 @@ impl Scheduler {
             }
             return Ok(stats);
         }
-        // Chunked prefill: each sequence contributes its pending tokens within the budget.
+        // Chunked prefill: each sequence contributes its pending tokens within the budget (a
+        // prompt that finds it spent waits for the next step; decode tokens do not count).
         let mut budget = self.limits.max_prefill_tokens.max(1);
         let mut chunks = Vec::with_capacity(self.running.len());
         for seq in &self.running {
@@ -203,35 +287,25 @@ impl Scheduler {
             let take = if pending <= 1 {
                 pending
             } else {
-                pending.min(budget.max(1))
+                pending.min(budget)
             };
             if pending > 1 {
-                budget = budget.saturating_sub(take);
+                budget -= take;
             }
             chunks.push(take);
         }
-        let inputs: Vec<SeqInput<'_>> = self
-            .running
-            .iter()
-            .zip(&chunks)
-            .filter(|(_, &n)| n > 0)
-            .map(|(s, &n)| SeqInput {
-                tokens: &s.tokens[s.cached..s.cached + n],
-                start_pos: s.cached,
-                block_table: &s.table,
-            })
-            .collect();
-        let logits = model.forward(backend, cache, &inputs, LogitsFor::LastToken)?;
-        let vocab = model.spec.vocab_size;
-        let mut row = 0;
+        let logits = forward_batch_invariant(model, backend, cache, &self.running, &chunks)?;
+        let mut rows = logits.rows.iter();
         for (seq, &n) in self.running.iter_mut().zip(&chunks) {
             if n == 0 {
                 continue;
             }
             let was_prefill = n > 1 || seq.cached < seq.prompt_len;
             seq.cached += n;
-            let l = &logits[row * vocab..(row + 1) * vocab];
-            row += 1;
+            let l = rows
+                .next()
+                .expect("a logits row per sequence")
+                .as_slice(&logits);
             if was_prefill {
                 stats.prefill_tokens += n;
             } else {
@@ -242,9 +316,10 @@ impl Scheduler {
             }
             let token = seq.sampler.sample(l, &seq.tokens);
             seq.tokens.push(token);
-            let mut text = seq.detok.push(tokenizer, token)?;
-            let stop = Some(token) == self.eos || seq.stop_ids.contains(&token);
-            let finished = if stop {
+            let piece = seq.detok.push(tokenizer, token)?;
+            let eos = Some(token) == self.eos && !seq.sampler.params().ignore_eos;
+            let stop = eos || seq.stop_ids.contains(&token);
+            let mut finished = if stop {
                 Some(FinishReason::Stop)
             } else if seq.generated() >= seq.sampler.params().max_new_tokens
                 || seq.tokens.len() >= self.limits.session_len
@@ -253,10 +328,23 @@ impl Scheduler {
             } else {
                 None
             };
-            if finished.is_some() {
-                text.push_str(&seq.detok.flush(tokenizer)?);
+            // The stop token's own text is not part of the answer.
+            let piece = if stop {
+                String::new()
+            } else if finished.is_some() {
+                piece + &seq.detok.flush(tokenizer)?
+            } else {
+                piece
+            };
+            let (mut text, hit) = seq.stop.push(&piece);
+            if hit {
+                finished = Some(FinishReason::Stop);
+            } else if finished.is_some() {
+                text.push_str(&seq.stop.flush());
             }
+            seq.ended_by_token = stop;
             seq.finished = finished;
+            seq.text.push_str(&text);
             events.push(TokenEvent {
                 request: seq.index,
                 token,
@@ -273,4 +361,93 @@ impl Scheduler {
         }
         Ok(stats)
     }
+}
+
+/// Where a sequence's logits are: the call (0: long-prompt rows, 1: the others) and the row.
+#[derive(Debug, Clone, Copy)]
+struct LogitsRow {
+    call: usize,
+    row: usize,
+}
+
+impl LogitsRow {
+    fn as_slice(self, l: &StepLogits) -> &[f32] {
+        &l.calls[self.call][self.row * l.vocab..(self.row + 1) * l.vocab]
+    }
+}
+
+/// The logits of one step: the rows of the two forward calls, and per sequence with a chunk
+/// the row that holds its last position.
+struct StepLogits {
+    calls: [Vec<f32>; 2],
+    rows: Vec<LogitsRow>,
+    vocab: usize,
+}
+
+/// Runs the step's chunks so that no row's result depends on which other rows share the
+/// step, and so a request gets the same tokens alone, in any batch, chunked or not, and after
+/// a preemption recomputes it. Quantized products differ by path (the dequantizing GEMM keeps
+/// activations in f32; the integer kernels quantize each row to 8-bit blocks plus 8-bit
+/// residual blocks) and `Path::Auto` picks the path by the call's row count, which batching
+/// changes. So the path is fixed by what a row is: the tokens of a prompt of at least
+/// [`DEQUANT_MIN_ROWS`] take the path such a prompt gets alone (`Path::auto` for many rows,
+/// the dequantizing GEMM), every other row (generated tokens, short prompts) the integer
+/// kernels, which treat each row on its own; the output head, one row per sequence, always
+/// the integer kernels. When the two paths are the same the step is one call; otherwise a
+/// chunk spanning both (a recomputation after preemption) is split, its prompt part running
+/// first.
+fn forward_batch_invariant(
+    model: &LlamaModel,
+    backend: &dyn AttentionBackend,
+    cache: &mut PagedKvCache,
+    running: &[Sequence],
+    chunks: &[usize],
+) -> Result<StepLogits, KvqError> {
+    let int = Path::Int(Kernel::best());
+    let prompt_path = Path::auto(DEQUANT_MIN_ROWS);
+    let split_prompts = prompt_path != int;
+    let mut inputs: [Vec<SeqInput<'_>>; 2] = [Vec::new(), Vec::new()];
+    let mut last: Vec<Option<LogitsRow>> = vec![None; running.len()];
+    for (k, (s, &n)) in running.iter().zip(chunks).enumerate() {
+        if n == 0 {
+            continue;
+        }
+        let (start, end) = (s.cached, s.cached + n);
+        let split = if split_prompts && s.prompt_len >= DEQUANT_MIN_ROWS {
+            s.prompt_len.clamp(start, end)
+        } else {
+            start
+        };
+        for (call, (from, to)) in [(start, split), (split, end)].into_iter().enumerate() {
+            if to > from {
+                last[k] = Some(LogitsRow {
+                    call,
+                    row: inputs[call].len(),
+                });
+                inputs[call].push(SeqInput {
+                    tokens: &s.tokens[from..to],
+                    start_pos: from,
+                    block_table: &s.table,
+                });
+            }
+        }
+    }
+    let mut calls = [Vec::new(), Vec::new()];
+    for (call, layers) in [prompt_path, int].into_iter().enumerate() {
+        if !inputs[call].is_empty() {
+            calls[call] = model.forward_with(
+                backend,
+                cache,
+                &inputs[call],
+                LogitsFor::LastToken,
+                layers,
+                int,
+            )?;
+        }
+    }
+    Ok(StepLogits {
+        calls,
+        rows: last.into_iter().flatten().collect(),
+        vocab: model.spec.vocab_size,
+    })
 }

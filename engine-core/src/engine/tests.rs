@@ -1,0 +1,353 @@
+//! The scheduler and the async engine on a tiny random Llama (2 layers, vocab 96) with an f32
+//! cache: preemption by recompute gives what each request gives alone, cancellation and
+//! random traffic leave every block free, batch and prefill limits hold, stop strings end
+//! generation, and dropping a stream cancels its request.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use rand::Rng;
+
+use super::{Engine, EngineEvent, EngineHandle, FinishReason, GenerationOutput, Request};
+use crate::backend::AttentionBackend;
+use crate::codec::{float_codec, KvCodec};
+use crate::config::EngineConfig;
+use crate::dtype::KvDtype;
+use crate::error::KvqError;
+use crate::loader::Tokenizer;
+use crate::model::hf_dir_tests::{
+    random_weights, tiny_spec, write_tiny_tokenizer, CpuF32Backend, InMemory, TempDir,
+};
+use crate::model::load_llama;
+use crate::plan::ResolvedConfig;
+use crate::sampling::SamplingParams;
+use crate::testing::rng;
+
+/// A tiny engine with `num_blocks` blocks of `block_size` tokens.
+fn tiny_engine(num_blocks: usize, block_size: usize, max_batch_size: usize) -> Engine {
+    let spec = tiny_spec(true);
+    let model = load_llama(&InMemory(random_weights(&spec, 7)), &spec).unwrap();
+    let dir = TempDir::new("engine");
+    write_tiny_tokenizer(dir.path());
+    let tokenizer = Tokenizer::from_path(dir.path()).unwrap();
+    let codec: Arc<dyn KvCodec> =
+        Arc::new(float_codec(spec.head_dim_k, spec.head_dim_v, KvDtype::F32));
+    let layout = CpuF32Backend.cache_layout(
+        codec.as_ref(),
+        spec.num_layers,
+        spec.num_kv_heads,
+        block_size,
+    );
+    let resolved = ResolvedConfig {
+        backend: Box::new(CpuF32Backend),
+        codec,
+        layout: layout.clone(),
+        fp16_layout: layout,
+    };
+    let plan = resolved.plan_exact((num_blocks * resolved.layout.block_bytes()) as u64);
+    assert_eq!(plan.num_blocks, num_blocks);
+    let mut config = EngineConfig::default();
+    config.engine.block_size = block_size;
+    config.engine.max_batch_size = max_batch_size;
+    Engine::from_parts(config, spec, model, tokenizer, resolved, plan)
+}
+
+/// Greedy, EOS ignored, so a request always generates `new_tokens`.
+fn request(seed: u64, prompt_len: usize, new_tokens: usize) -> Request {
+    let mut r = rng(seed);
+    Request {
+        prompt: (0..prompt_len).map(|_| r.random_range(3..96)).collect(),
+        params: SamplingParams {
+            max_new_tokens: new_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// Every block is either free or held by an active request.
+fn assert_accounted(e: &Engine) {
+    assert_eq!(
+        e.free_blocks() + e.held_blocks(),
+        e.plan.num_blocks,
+        "blocks leaked or double counted"
+    );
+}
+
+fn alone(e: &mut Engine, r: &Request) -> GenerationOutput {
+    e.generate(vec![r.clone()], &mut |_| {}).unwrap().remove(0)
+}
+
+#[test]
+fn preemption_recomputes_and_gives_what_each_request_gives_alone() {
+    // 6 blocks of 16 tokens; each request grows to 60 tokens (4 blocks), so three are
+    // admitted and must preempt each other as they grow.
+    let mut e = tiny_engine(6, 16, 8);
+    let reqs: Vec<Request> = (0..4).map(|i| request(i, 20, 40)).collect();
+    let expected: Vec<GenerationOutput> = reqs.iter().map(|r| alone(&mut e, r)).collect();
+    assert_eq!(e.preemptions(), 0, "a request alone fits");
+    let ids: Vec<usize> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    let mut outputs = vec![None; ids.len()];
+    let mut events = Vec::new();
+    for _ in 0..1000 {
+        if !e.has_work() {
+            break;
+        }
+        e.step(&mut events).unwrap();
+        assert_accounted(&e);
+        for (id, out) in e.take_finished() {
+            outputs[ids.iter().position(|&i| i == id).unwrap()] = Some(out);
+        }
+    }
+    assert!(e.preemptions() > 0, "the cache was meant to run out");
+    for (i, (out, exp)) in outputs.iter().zip(&expected).enumerate() {
+        let out = out.as_ref().expect("finished");
+        assert_eq!(out.token_ids, exp.token_ids, "request {i}");
+        assert_eq!(out.text, exp.text, "request {i}");
+        assert_eq!(out.finish_reason, FinishReason::Length);
+    }
+    // Events carried every token once, despite the recomputation.
+    for (i, id) in ids.iter().enumerate() {
+        let tokens: Vec<u32> = events
+            .iter()
+            .filter(|ev| ev.request == *id)
+            .map(|ev| ev.token)
+            .collect();
+        assert_eq!(tokens, expected[i].token_ids, "events of request {i}");
+    }
+    assert_eq!(e.free_blocks(), e.plan.num_blocks);
+}
+
+#[test]
+fn cancelling_waiting_and_running_requests_frees_their_blocks() {
+    let mut e = tiny_engine(8, 16, 2);
+    let ids: Vec<usize> = (0..4)
+        .map(|i| e.submit(request(i, 10, 30)).unwrap())
+        .collect();
+    let mut events = Vec::new();
+    for _ in 0..3 {
+        e.step(&mut events).unwrap();
+    }
+    assert_eq!(e.num_running(), 2, "max_batch_size");
+    assert_eq!(e.num_waiting(), 2);
+    assert!(e.free_blocks() < e.plan.num_blocks);
+    assert!(e.cancel(ids[0]).unwrap(), "running");
+    assert!(e.cancel(ids[3]).unwrap(), "waiting");
+    assert!(!e.cancel(ids[3]).unwrap(), "already gone");
+    assert!(!e.cancel(999).unwrap(), "never existed");
+    assert_accounted(&e);
+    events.clear();
+    while e.has_work() {
+        e.step(&mut events).unwrap();
+        assert_accounted(&e);
+    }
+    let done: Vec<usize> = e.take_finished().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(done, vec![ids[1], ids[2]]);
+    assert!(events
+        .iter()
+        .all(|ev| ev.request != ids[0] && ev.request != ids[3]));
+    assert_eq!(e.free_blocks(), e.plan.num_blocks);
+}
+
+#[test]
+fn random_traffic_with_cancellations_leaves_every_block_free() {
+    let mut e = tiny_engine(10, 8, 4);
+    let mut r = rng(42);
+    let mut active: Vec<usize> = Vec::new();
+    let mut events = Vec::new();
+    for i in 0..300u64 {
+        match r.random_range(0..10) {
+            0..=2 => {
+                let req = request(i, r.random_range(1..40), r.random_range(1..40));
+                active.push(e.submit(req).unwrap());
+            }
+            3 if !active.is_empty() => {
+                let id = active.swap_remove(r.random_range(0..active.len()));
+                e.cancel(id).unwrap();
+            }
+            _ => {
+                e.step(&mut events).unwrap();
+                for (id, _) in e.take_finished() {
+                    active.retain(|&a| a != id);
+                }
+            }
+        }
+        assert_accounted(&e);
+    }
+    while e.has_work() {
+        e.step(&mut events).unwrap();
+    }
+    assert!(e.preemptions() > 0, "the traffic was meant to preempt");
+    assert_eq!(e.free_blocks(), e.plan.num_blocks);
+}
+
+#[test]
+fn first_come_first_served() {
+    let mut e = tiny_engine(8, 16, 1);
+    let a = e.submit(request(1, 5, 3)).unwrap();
+    let b = e.submit(request(2, 5, 3)).unwrap();
+    let mut events = Vec::new();
+    while e.has_work() {
+        e.step(&mut events).unwrap();
+    }
+    let order: Vec<usize> = events.iter().map(|ev| ev.request).collect();
+    assert_eq!(order, vec![a, a, a, b, b, b]);
+}
+
+#[test]
+fn chunked_prefill_caps_prompt_tokens_per_step_and_keeps_the_answer() {
+    let mut e = tiny_engine(8, 16, 4);
+    let req = request(3, 50, 5);
+    let whole = alone(&mut e, &req);
+    e.set_max_prefill_tokens(16);
+    let id = e.submit(req).unwrap();
+    let mut events = Vec::new();
+    let mut steps = 0;
+    while e.has_work() {
+        let stats = e.step(&mut events).unwrap();
+        assert!(stats.prefill_tokens <= 16, "{stats:?}");
+        steps += 1;
+    }
+    assert_eq!(
+        steps,
+        4 + 4,
+        "50 prompt tokens in 4 chunks, then 4 decode steps"
+    );
+    let (done, out) = e.take_finished().remove(0);
+    assert_eq!(done, id);
+    assert_eq!(out.token_ids, whole.token_ids);
+}
+
+#[test]
+fn stop_strings_end_generation_and_are_trimmed() {
+    let mut e = tiny_engine(8, 16, 4);
+    let mut req = request(5, 6, 20);
+    let full = alone(&mut e, &req);
+    // The text of the 6th generated token, with its leading space.
+    let stop = format!(" {}", e.tokenizer.id_to_token(full.token_ids[5]).unwrap());
+    let at = full.text.find(&stop).unwrap();
+    req.stop = vec![stop.clone()];
+    let mut streamed = String::new();
+    let out = e
+        .generate(vec![req], &mut |ev| streamed.push_str(&ev.text))
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        out.text,
+        &full.text[..at],
+        "stop {stop:?} in {:?}",
+        full.text
+    );
+    assert_eq!(streamed, out.text, "the stream never shows the stop string");
+    assert_eq!(out.finish_reason, FinishReason::Stop);
+    assert!(out.token_ids.len() <= 6);
+    assert_eq!(out.completion_tokens, out.token_ids.len());
+    assert_eq!(e.free_blocks(), e.plan.num_blocks);
+}
+
+#[test]
+fn session_len_is_capped_by_the_cache_and_a_long_prompt_is_refused() {
+    let mut e = tiny_engine(4, 16, 4);
+    assert_eq!(e.limits().session_len, 64, "4 blocks of 16 tokens");
+    let err = e.submit(request(1, 64, 1)).unwrap_err();
+    assert!(
+        matches!(&err, KvqError::InvalidArgument(m) if m.contains("session_len 64")),
+        "{err}"
+    );
+    // A request that would outgrow the cache stops at the session length instead.
+    let out = alone(&mut e, &request(1, 40, 100));
+    assert_eq!(out.finish_reason, FinishReason::Length);
+    assert_eq!(out.prompt_tokens + out.completion_tokens, 64);
+}
+
+/// Waits (bounded) until the engine thread reports every block free and nothing running.
+fn wait_idle(h: &EngineHandle) -> super::EngineStats {
+    let start = Instant::now();
+    loop {
+        let s = h.stats();
+        if (s.free_blocks == s.total_blocks && s.running == 0 && s.waiting == 0)
+            || start.elapsed() > Duration::from_secs(20)
+        {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn the_async_engine_streams_tokens_then_the_output() {
+    let mut e = tiny_engine(12, 16, 8);
+    let reqs: Vec<Request> = (0..6).map(|i| request(i, 12, 10)).collect();
+    let expected: Vec<GenerationOutput> = reqs.iter().map(|r| alone(&mut e, r)).collect();
+    let h = EngineHandle::spawn(e).unwrap();
+    let outs = futures::executor::block_on(async {
+        let streams = futures::future::join_all(reqs.iter().map(|r| h.submit(r.clone()))).await;
+        futures::future::join_all(streams.into_iter().map(|s| async {
+            let mut s = s.unwrap();
+            let mut tokens = Vec::new();
+            let mut text = String::new();
+            while let Some(ev) = s.next().await {
+                match ev.unwrap() {
+                    EngineEvent::Token(t) => {
+                        tokens.push(t.token);
+                        text.push_str(&t.text);
+                    }
+                    EngineEvent::Finished(out) => return (tokens, text, out),
+                }
+            }
+            panic!("stream ended without its output");
+        }))
+        .await
+    });
+    for ((tokens, text, out), exp) in outs.iter().zip(&expected) {
+        assert_eq!(&out.token_ids, &exp.token_ids);
+        assert_eq!(tokens, &exp.token_ids);
+        assert_eq!(text, &exp.text);
+    }
+    let s = wait_idle(&h);
+    assert_eq!(s.free_blocks, s.total_blocks);
+    assert!(s.alive);
+}
+
+#[test]
+fn dropping_a_stream_cancels_its_request_and_frees_its_blocks() {
+    let h = EngineHandle::spawn(tiny_engine(12, 16, 8)).unwrap();
+    futures::executor::block_on(async {
+        let mut long = h.submit(request(1, 30, 90)).await.unwrap();
+        let waiting = h.submit(request(2, 30, 90)).await.unwrap();
+        for _ in 0..3 {
+            assert!(matches!(
+                long.next().await.unwrap().unwrap(),
+                EngineEvent::Token(_)
+            ));
+        }
+        assert!(h.stats().free_blocks < h.stats().total_blocks);
+        drop(long);
+        waiting.cancel();
+    });
+    let s = wait_idle(&h);
+    assert_eq!((s.free_blocks, s.running, s.waiting), (12, 0, 0));
+    // The engine goes on serving.
+    let out = futures::executor::block_on(async {
+        h.submit(request(3, 5, 4)).await.unwrap().output().await
+    })
+    .unwrap();
+    assert_eq!(out.completion_tokens, 4);
+}
+
+#[test]
+fn invalid_requests_are_refused_at_submit() {
+    let h = EngineHandle::spawn(tiny_engine(4, 16, 8)).unwrap();
+    let submit = |r: Request| futures::executor::block_on(h.submit(r)).map(|_| ());
+    let e = submit(Request::default()).unwrap_err();
+    assert!(e.to_string().contains("empty prompt"), "{e}");
+    let e = submit(request(1, 64, 1)).unwrap_err();
+    assert!(e.to_string().contains("session_len"), "{e}");
+    let mut bad = request(1, 4, 1);
+    bad.params.top_p = 0.0;
+    let e = submit(bad).unwrap_err();
+    assert!(e.to_string().contains("top_p"), "{e}");
+    assert_eq!(h.stats().free_blocks, 4);
+}

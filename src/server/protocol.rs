@@ -1,0 +1,398 @@
+//! The OpenAI request bodies this server reads, and their checks: every value out of range
+//! or not supported is a 400 naming the field.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use engine_core::chat::ChatMessage;
+use engine_core::sampling::SamplingParams;
+
+use super::error::ApiError;
+
+/// Sampling and streaming fields shared by both endpoints (OpenAI's names; `top_k`,
+/// `repetition_penalty` and `ignore_eos` are extensions, as in vLLM and LMDeploy).
+#[derive(Debug, Default, Deserialize)]
+pub struct SamplingFields {
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub repetition_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub seed: Option<i64>,
+    pub n: Option<i64>,
+    pub stop: Option<Value>,
+    pub ignore_eos: Option<bool>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub logprobs: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    pub include_usage: Option<bool>,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    /// A string, an array of one string, or an array of token ids.
+    pub prompt: Value,
+    pub echo: Option<bool>,
+    pub best_of: Option<i64>,
+    pub suffix: Option<String>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<InMessage>,
+    pub tools: Option<Value>,
+    pub response_format: Option<Value>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// A chat message; `content` is a string or an array of `{"type": "text", "text": ...}`.
+#[derive(Debug, Deserialize)]
+pub struct InMessage {
+    pub role: String,
+    pub content: Option<Value>,
+}
+
+/// A prompt as the completions endpoint received it.
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// What a request asks the engine for, checked.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub params: SamplingParams,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+impl SamplingFields {
+    /// Checks every field; `default_max_tokens` applies when neither `max_tokens` nor
+    /// `max_completion_tokens` is given.
+    pub fn check(&self, default_max_tokens: usize) -> Result<Generation, ApiError> {
+        if let Some(n) = self.n {
+            if n != 1 {
+                return Err(ApiError::invalid_param(
+                    "n",
+                    format!("n must be 1 (one choice per request), got {n}"),
+                ));
+            }
+        }
+        let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(m), _) => Some(("max_completion_tokens", m)),
+            (None, Some(m)) => Some(("max_tokens", m)),
+            (None, None) => None,
+        };
+        let max_new_tokens = match max_tokens {
+            Some((name, m)) if m < 1 => {
+                return Err(ApiError::invalid_param(
+                    name,
+                    format!("{name} must be at least 1, got {m}"),
+                ))
+            }
+            Some((_, m)) => m as usize,
+            None => default_max_tokens,
+        };
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::invalid_param(
+                "temperature",
+                format!("temperature must be in [0, 2], got {temperature}"),
+            ));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::invalid_param(
+                "top_p",
+                format!("top_p must be in (0, 1], got {top_p}"),
+            ));
+        }
+        let top_k = match self.top_k.unwrap_or(0) {
+            -1 => 0, // vLLM's spelling of "no limit"
+            k if k < 0 => {
+                return Err(ApiError::invalid_param(
+                    "top_k",
+                    format!("top_k must be ≥ 0 (0 or -1: no limit), got {k}"),
+                ))
+            }
+            k => k as usize,
+        };
+        let repetition_penalty = self.repetition_penalty.unwrap_or(1.0);
+        if !(repetition_penalty > 0.0 && repetition_penalty.is_finite()) {
+            return Err(ApiError::invalid_param(
+                "repetition_penalty",
+                format!("repetition_penalty must be > 0, got {repetition_penalty}"),
+            ));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if v.is_some_and(|v| v != 0.0) {
+                return Err(ApiError::invalid_param(
+                    name,
+                    format!("{name} is not supported (use repetition_penalty)"),
+                ));
+            }
+        }
+        if self
+            .logprobs
+            .as_ref()
+            .is_some_and(|v| !(v.is_null() || v == &Value::Bool(false) || v == &Value::from(0)))
+        {
+            return Err(ApiError::invalid_param(
+                "logprobs",
+                "logprobs are not supported",
+            ));
+        }
+        let seed = match self.seed {
+            Some(s) => s as u64,
+            None => rand::random(),
+        };
+        Ok(Generation {
+            params: SamplingParams {
+                temperature: temperature as f32,
+                top_k,
+                top_p: top_p as f32,
+                repetition_penalty: repetition_penalty as f32,
+                max_new_tokens,
+                seed,
+                ignore_eos: self.ignore_eos.unwrap_or(false),
+            },
+            stop: stop_strings(self.stop.as_ref())?,
+            stream: self.stream.unwrap_or(false),
+            include_usage: self
+                .stream_options
+                .as_ref()
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+        })
+    }
+}
+
+/// `stop`: null, a string, or an array of strings.
+fn stop_strings(stop: Option<&Value>) -> Result<Vec<String>, ApiError> {
+    let bad = || ApiError::invalid_param("stop", "stop must be a string or an array of strings");
+    let stops = match stop {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_string).ok_or_else(bad))
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad()),
+    };
+    if stops.iter().any(String::is_empty) {
+        return Err(ApiError::invalid_param(
+            "stop",
+            "stop strings must not be empty",
+        ));
+    }
+    Ok(stops)
+}
+
+impl CompletionRequest {
+    /// The prompt, and the checks of fields this server does not implement.
+    pub fn prompt(&self) -> Result<Prompt, ApiError> {
+        if self.echo == Some(true) {
+            return Err(ApiError::invalid_param("echo", "echo is not supported"));
+        }
+        if self.best_of.is_some_and(|b| b != 1) {
+            return Err(ApiError::invalid_param("best_of", "best_of must be 1"));
+        }
+        if self.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::invalid_param("suffix", "suffix is not supported"));
+        }
+        let bad = |m: &str| ApiError::invalid_param("prompt", m);
+        match &self.prompt {
+            Value::String(s) => Ok(Prompt::Text(s.clone())),
+            Value::Array(items) if items.is_empty() => Err(bad("prompt must not be empty")),
+            Value::Array(items) if items.iter().all(Value::is_string) => match items.as_slice() {
+                [one] => Ok(Prompt::Text(one.as_str().unwrap_or_default().to_string())),
+                _ => Err(bad("only one prompt per request is supported")),
+            },
+            Value::Array(items) if items.iter().all(Value::is_u64) => Ok(Prompt::Tokens(
+                items
+                    .iter()
+                    .map(|v| v.as_u64().unwrap_or(u64::MAX).min(u32::MAX as u64) as u32)
+                    .collect(),
+            )),
+            Value::Array(items) if items.len() == 1 && items[0].is_array() => {
+                let inner = CompletionRequest {
+                    model: String::new(),
+                    prompt: items[0].clone(),
+                    echo: None,
+                    best_of: None,
+                    suffix: None,
+                    sampling: SamplingFields::default(),
+                };
+                match inner.prompt()? {
+                    Prompt::Tokens(t) => Ok(Prompt::Tokens(t)),
+                    Prompt::Text(_) => Err(bad("a nested prompt must be token ids")),
+                }
+            }
+            _ => Err(bad(
+                "prompt must be a string, an array of one string, or an array of token ids",
+            )),
+        }
+    }
+}
+
+impl ChatRequest {
+    /// The conversation, and the checks of fields this server does not implement.
+    pub fn messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
+        if self
+            .tools
+            .as_ref()
+            .is_some_and(|t| !(t.is_null() || t.as_array().is_some_and(Vec::is_empty)))
+        {
+            return Err(ApiError::invalid_param("tools", "tools are not supported"));
+        }
+        if let Some(f) = &self.response_format {
+            if !(f.is_null() || f.get("type").and_then(Value::as_str) == Some("text")) {
+                return Err(ApiError::invalid_param(
+                    "response_format",
+                    "only the text response format is supported",
+                ));
+            }
+        }
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid_param(
+                "messages",
+                "messages must not be empty",
+            ));
+        }
+        self.messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let param = format!("messages[{i}].content");
+                let content = match &m.content {
+                    // An assistant turn that only called tools has no content.
+                    None | Some(Value::Null) if m.role == "assistant" => String::new(),
+                    None | Some(Value::Null) => {
+                        return Err(ApiError::invalid_param(
+                            &param,
+                            format!("a {} message needs content", m.role),
+                        ))
+                    }
+                    Some(Value::String(s)) => s.clone(),
+                    Some(Value::Array(parts)) => parts
+                        .iter()
+                        .map(
+                            |p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                                (Some("text"), Some(Value::String(t))) => Ok(t.as_str()),
+                                _ => Err(ApiError::invalid_param(
+                                    &param,
+                                    "only text content parts are supported",
+                                )),
+                            },
+                        )
+                        .collect::<Result<Vec<_>, _>>()?
+                        .concat(),
+                    Some(_) => {
+                        return Err(ApiError::invalid_param(
+                            &param,
+                            "content must be a string or an array of text parts",
+                        ))
+                    }
+                };
+                // OpenAI's newer name for the system turn.
+                let role = if m.role == "developer" {
+                    "system"
+                } else {
+                    &m.role
+                };
+                Ok(ChatMessage::new(role, &content))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(json: &str) -> SamplingFields {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn error(json: &str) -> ApiError {
+        fields(json).check(16).unwrap_err()
+    }
+
+    #[test]
+    fn defaults_follow_openai() {
+        let g = fields("{}").check(16).unwrap();
+        assert_eq!(g.params.max_new_tokens, 16);
+        assert_eq!(g.params.temperature, 1.0);
+        assert!(!g.stream && !g.include_usage && g.stop.is_empty());
+        let g = fields(
+            r#"{"max_completion_tokens": 3, "max_tokens": 9, "seed": 5, "top_k": -1,
+            "stop": "\n", "stream": true, "stream_options": {"include_usage": true}}"#,
+        )
+        .check(16)
+        .unwrap();
+        assert_eq!(g.params.max_new_tokens, 3);
+        assert_eq!((g.params.seed, g.params.top_k), (5, 0));
+        assert_eq!(g.stop, vec!["\n"]);
+        assert!(g.stream && g.include_usage);
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        for (json, param) in [
+            (r#"{"n": 2}"#, "n"),
+            (r#"{"max_tokens": 0}"#, "max_tokens"),
+            (r#"{"temperature": 2.5}"#, "temperature"),
+            (r#"{"top_p": 0}"#, "top_p"),
+            (r#"{"top_k": -3}"#, "top_k"),
+            (r#"{"repetition_penalty": 0}"#, "repetition_penalty"),
+            (r#"{"presence_penalty": 1}"#, "presence_penalty"),
+            (r#"{"stop": [1]}"#, "stop"),
+            (r#"{"stop": ""}"#, "stop"),
+            (r#"{"logprobs": true}"#, "logprobs"),
+        ] {
+            let e = error(json);
+            assert_eq!(e.param.as_deref(), Some(param), "{json}: {e:?}");
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+        }
+    }
+
+    #[test]
+    fn prompts_and_messages_are_read() {
+        let req = |p: &str| -> CompletionRequest {
+            serde_json::from_str(&format!(r#"{{"model": "m", "prompt": {p}}}"#)).unwrap()
+        };
+        assert!(matches!(req(r#""hi""#).prompt(), Ok(Prompt::Text(t)) if t == "hi"));
+        assert!(matches!(req(r#"["hi"]"#).prompt(), Ok(Prompt::Text(_))));
+        assert!(matches!(req("[1, 2]").prompt(), Ok(Prompt::Tokens(t)) if t == [1, 2]));
+        assert!(matches!(req("[[1, 2]]").prompt(), Ok(Prompt::Tokens(_))));
+        assert!(req(r#"["a", "b"]"#).prompt().is_err());
+        assert!(req("[]").prompt().is_err());
+        assert!(req("3").prompt().is_err());
+        let chat: ChatRequest = serde_json::from_str(
+            r#"{"model": "m", "messages": [{"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}"#,
+        )
+        .unwrap();
+        let m = chat.messages().unwrap();
+        assert_eq!(m[0], ChatMessage::new("system", "Be brief."));
+        assert_eq!(m[1], ChatMessage::new("user", "ab"));
+    }
+}

@@ -1,0 +1,344 @@
+//! The server's routes against the real engine (SmolLM2-135M-Instruct, int8 cache), in
+//! process: response shapes, streaming, stop strings, usage, and every error status and shape.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::Router;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use engine_core::config::QuantPolicy;
+use engine_core::engine::{Engine, EngineHandle};
+use engine_core::EngineConfig;
+
+use super::{router, ServerConfig};
+
+const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
+
+/// One engine for every test of this module (None when the model is absent).
+fn engine() -> Option<EngineHandle> {
+    static ENGINE: OnceLock<Option<EngineHandle>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let path = engine_core::testing::default_model()?;
+            let mut c = EngineConfig::default();
+            c.model.path = path.display().to_string();
+            c.engine.quant_policy = QuantPolicy::Number(8);
+            c.engine.cache_memory_gib = Some(0.05);
+            c.engine.session_len = 512;
+            let engine = Engine::load(&c, &mut |_| {}).unwrap();
+            Some(EngineHandle::spawn(engine).unwrap())
+        })
+        .clone()
+}
+
+fn app(keys: &[&str]) -> Option<Router> {
+    Some(router(
+        Arc::new(engine()?),
+        ServerConfig {
+            model_name: MODEL.into(),
+            api_keys: keys.iter().map(|k| k.to_string()).collect(),
+        },
+    ))
+}
+
+/// Sends a request; returns the status, the content type and the body text.
+async fn send(
+    app: &Router,
+    method: Method,
+    uri: &str,
+    body: &str,
+    key: Option<&str>,
+) -> (StatusCode, String, String) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::CONTENT_TYPE, "application/json");
+    if let Some(k) = key {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {k}"));
+    }
+    let resp = app
+        .clone()
+        .oneshot(req.body(Body::from(body.to_string())).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let ctype = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 24)
+        .await
+        .unwrap();
+    (status, ctype, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+async fn post(app: &Router, uri: &str, body: Value) -> (StatusCode, Value) {
+    let (status, _, text) = send(app, Method::POST, uri, &body.to_string(), None).await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// The JSON chunks of an SSE body, checking it ends with `data: [DONE]`.
+fn sse_chunks(body: &str) -> Vec<Value> {
+    let events: Vec<&str> = body
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .collect();
+    assert_eq!(events.last(), Some(&"data: [DONE]"), "{body}");
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e.strip_prefix("data: ").expect("data line")).unwrap())
+        .collect()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn chat_body(extra: Value) -> Value {
+    let mut b = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 12,
+        "temperature": 0,
+    });
+    b.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    b
+}
+
+#[test]
+fn chat_completion_whole_and_streamed_agree() {
+    let Some(app) = app(&[]) else { return };
+    rt().block_on(async {
+        let (status, whole) = post(&app, "/v1/chat/completions", chat_body(json!({}))).await;
+        assert_eq!(status, StatusCode::OK, "{whole}");
+        assert_eq!(whole["object"], "chat.completion");
+        assert_eq!(whole["model"], MODEL);
+        let choice = &whole["choices"][0];
+        assert_eq!(choice["message"]["role"], "assistant");
+        let text = choice["message"]["content"].as_str().unwrap();
+        assert!(text.contains("Paris"), "{text:?}");
+        let usage = &whole["usage"];
+        assert_eq!(
+            usage["total_tokens"].as_u64(),
+            Some(
+                usage["prompt_tokens"].as_u64().unwrap()
+                    + usage["completion_tokens"].as_u64().unwrap()
+            )
+        );
+
+        let body = chat_body(json!({"stream": true, "stream_options": {"include_usage": true}}));
+        let (status, ctype, sse) = send(
+            &app,
+            Method::POST,
+            "/v1/chat/completions",
+            &body.to_string(),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(ctype.starts_with("text/event-stream"), "{ctype}");
+        let chunks = sse_chunks(&sse);
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        assert!(chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk"));
+        let streamed: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(streamed, text, "greedy: streamed and whole agree");
+        let n = chunks.len();
+        assert_eq!(
+            chunks[n - 2]["choices"][0]["finish_reason"],
+            choice["finish_reason"]
+        );
+        assert_eq!(chunks[n - 1]["choices"], json!([]));
+        assert_eq!(chunks[n - 1]["usage"], *usage);
+    });
+}
+
+#[test]
+fn completions_honour_stop_strings_and_token_prompts() {
+    let Some(app) = app(&[]) else { return };
+    rt().block_on(async {
+        let body = |extra: Value| {
+            let mut b = json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 10, "temperature": 0});
+            b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            b
+        };
+        let (status, full) = post(&app, "/v1/completions", body(json!({}))).await;
+        assert_eq!(status, StatusCode::OK, "{full}");
+        assert_eq!(full["object"], "text_completion");
+        let text = full["choices"][0]["text"].as_str().unwrap().to_string();
+        // Stop at the second word of the answer.
+        let stop = text.split(' ').nth(2).expect("three words");
+        let (_, cut) = post(&app, "/v1/completions", body(json!({"stop": [format!(" {stop}")]}))).await;
+        let at = text.find(&format!(" {stop}")).unwrap();
+        assert_eq!(cut["choices"][0]["text"], text[..at], "stop {stop:?} in {text:?}");
+        assert_eq!(cut["choices"][0]["finish_reason"], "stop");
+
+        let (_, _, sse) = send(
+            &app,
+            Method::POST,
+            "/v1/completions",
+            &body(json!({"stream": true, "stop": format!(" {stop}")})).to_string(),
+            None,
+        )
+        .await;
+        let streamed: String = sse_chunks(&sse)
+            .iter()
+            .filter_map(|c| c["choices"][0]["text"].as_str())
+            .collect();
+        assert_eq!(streamed, text[..at]);
+
+        let (status, ids) = post(&app, "/v1/completions", body(json!({"prompt": [504, 3575, 282]}))).await;
+        assert_eq!(status, StatusCode::OK, "{ids}");
+        assert_eq!(ids["usage"]["prompt_tokens"], 3);
+    });
+}
+
+/// Asserts an OpenAI-shaped error with `status`; returns its `error` object.
+fn assert_error(status: StatusCode, ctype: &str, body: &str, want: StatusCode) -> Value {
+    assert_eq!(status, want, "{body}");
+    assert!(ctype.starts_with("application/json"), "{ctype}: {body}");
+    let v: Value = serde_json::from_str(body).unwrap();
+    let e = v["error"].clone();
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(e["type"].is_string(), "{body}");
+    assert!(
+        e.get("param").is_some() && e.get("code").is_some(),
+        "{body}"
+    );
+    e
+}
+
+#[test]
+fn every_error_is_json_with_its_status() {
+    let Some(app) = app(&[]) else { return };
+    rt().block_on(async {
+        let chat = "/v1/chat/completions";
+        let cases: Vec<(&str, String, StatusCode, Option<&str>)> = vec![
+            (chat, "{\"model\": ".into(), StatusCode::BAD_REQUEST, None),
+            (
+                chat,
+                json!({"model": MODEL}).to_string(),
+                StatusCode::BAD_REQUEST,
+                Some("messages"),
+            ),
+            (
+                chat,
+                json!({"messages": []}).to_string(),
+                StatusCode::BAD_REQUEST,
+                Some("model"),
+            ),
+            (
+                chat,
+                chat_body(json!({"model": "gpt-4"})).to_string(),
+                StatusCode::NOT_FOUND,
+                Some("model"),
+            ),
+            (
+                chat,
+                chat_body(json!({"n": 2})).to_string(),
+                StatusCode::BAD_REQUEST,
+                Some("n"),
+            ),
+            (
+                chat,
+                chat_body(json!({"temperature": 3})).to_string(),
+                StatusCode::BAD_REQUEST,
+                Some("temperature"),
+            ),
+            (
+                chat,
+                chat_body(json!({"top_p": 1.5})).to_string(),
+                StatusCode::BAD_REQUEST,
+                Some("top_p"),
+            ),
+            (
+                chat,
+                chat_body(json!({"max_tokens": 0})).to_string(),
+                StatusCode::BAD_REQUEST,
+                Some("max_tokens"),
+            ),
+            (
+                chat,
+                chat_body(json!({"messages": "hi"})).to_string(),
+                StatusCode::BAD_REQUEST,
+                None,
+            ),
+            (
+                chat,
+                chat_body(json!({"messages": [{"role": "user", "content": "word ".repeat(600)}]}))
+                    .to_string(),
+                StatusCode::BAD_REQUEST,
+                Some("messages"),
+            ),
+            (
+                "/v1/completions",
+                json!({"model": MODEL, "prompt": [1, 999999]}).to_string(),
+                StatusCode::BAD_REQUEST,
+                Some("prompt"),
+            ),
+        ];
+        for (uri, body, want, param) in cases {
+            let (status, ctype, text) = send(&app, Method::POST, uri, &body, None).await;
+            let e = assert_error(status, &ctype, &text, want);
+            if let Some(p) = param {
+                assert_eq!(e["param"], p, "{body}: {text}");
+            }
+        }
+        let (status, ctype, text) = send(
+            &app,
+            Method::POST,
+            chat,
+            &chat_body(json!({"messages": [{"role": "user", "content": "word ".repeat(600)}]}))
+                .to_string(),
+            None,
+        )
+        .await;
+        let e = assert_error(status, &ctype, &text, StatusCode::BAD_REQUEST);
+        assert_eq!(e["code"], "context_length_exceeded");
+        let (status, ctype, text) = send(&app, Method::GET, "/v1/nothing", "", None).await;
+        assert_error(status, &ctype, &text, StatusCode::NOT_FOUND);
+        let (status, ctype, text) = send(&app, Method::GET, chat, "", None).await;
+        assert_error(status, &ctype, &text, StatusCode::METHOD_NOT_ALLOWED);
+    });
+}
+
+#[test]
+fn api_keys_guard_the_v1_routes() {
+    let Some(app) = app(&["sk-a", "sk-b"]) else {
+        return;
+    };
+    rt().block_on(async {
+        for key in [None, Some("sk-wrong")] {
+            let (status, ctype, text) = send(&app, Method::GET, "/v1/models", "", key).await;
+            let e = assert_error(status, &ctype, &text, StatusCode::UNAUTHORIZED);
+            assert_eq!(e["code"], "invalid_api_key");
+        }
+        let (status, _, text) = send(&app, Method::GET, "/v1/models", "", Some("sk-b")).await;
+        assert_eq!(status, StatusCode::OK);
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["data"][0]["id"], MODEL);
+        // Health needs no key and reports the cache.
+        let (status, _, text) = send(&app, Method::GET, "/health", "", None).await;
+        assert_eq!(status, StatusCode::OK);
+        let h: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(h["status"], "ok");
+        assert!(h["total_blocks"].as_u64().unwrap() > 0);
+        assert!(h["free_blocks"].as_u64().unwrap() <= h["total_blocks"].as_u64().unwrap());
+    });
+}
