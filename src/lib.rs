@@ -9,6 +9,8 @@ pub use engine_core::*;
 mod pipeline;
 pub use pipeline::{GenerationConfig, Pipeline};
 
+pub mod server;
+
 // Linked for their registrations (a crate nothing references is dropped by the linker).
 use backend_pytorchlike as _;
 use backend_turbomind as _;

@@ -1,9 +1,15 @@
-//! `Pipeline`: the library entry point, in the manner of LMDeploy's `pipeline`.
+//! `Pipeline`: the library entry point, in the manner of LMDeploy's `pipeline`. It runs on the
+//! async engine ([`EngineHandle`]): its calls submit requests and block until they finish, so
+//! they must not be made from inside an async runtime's worker (use the handle there).
 
 use std::path::Path;
 
-use engine_core::chat::{render_chat, ChatMessage, CHATML_TEMPLATE};
-use engine_core::engine::{Engine, GenerationOutput, LoadStage, Request, TokenEvent};
+use futures::stream::{self, StreamExt};
+
+use engine_core::chat::{apply_chat_template, ChatMessage};
+use engine_core::engine::{
+    Engine, EngineEvent, EngineHandle, EngineInfo, GenerationOutput, LoadStage, Request,
+};
 use engine_core::sampling::SamplingParams;
 use engine_core::{EngineConfig, KvqError};
 
@@ -14,6 +20,8 @@ pub struct GenerationConfig {
     /// Send prompts as they are instead of wrapping each in the model's chat template as one
     /// user turn.
     pub raw_prompt: bool,
+    /// Stop strings: generation ends before the first one in the text.
+    pub stop: Vec<String>,
 }
 
 /// A loaded model with its quantized KV cache.
@@ -31,7 +39,7 @@ pub struct GenerationConfig {
 /// # Ok::<(), kvq::KvqError>(())
 /// ```
 pub struct Pipeline {
-    engine: Engine,
+    engine: EngineHandle,
     pub generation: GenerationConfig,
 }
 
@@ -48,16 +56,25 @@ impl Pipeline {
         progress: &mut dyn FnMut(LoadStage),
     ) -> Result<Self, KvqError> {
         config.model.path = model_path.as_ref().display().to_string();
-        let engine = Engine::load(&config, progress)?;
-        let generation = GenerationConfig {
-            sampling: SamplingParams::default(),
-            raw_prompt: false,
-        };
-        Ok(Self { engine, generation })
+        Self::from_engine(Engine::load(&config, progress)?)
     }
 
-    pub fn engine(&self) -> &Engine {
+    /// A pipeline over a loaded engine (moved onto its own thread).
+    pub fn from_engine(engine: Engine) -> Result<Self, KvqError> {
+        Ok(Self {
+            engine: EngineHandle::spawn(engine)?,
+            generation: GenerationConfig::default(),
+        })
+    }
+
+    /// The async engine underneath, for submitting requests directly.
+    pub fn engine(&self) -> &EngineHandle {
         &self.engine
+    }
+
+    /// The cache plan and limits the engine runs with.
+    pub fn info(&self) -> &EngineInfo {
+        self.engine.info()
     }
 
     /// Generates a reply to every prompt (batched), with [`Pipeline::generation`] settings.
@@ -82,8 +99,7 @@ impl Pipeline {
                 self.request(&text)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        self.engine
-            .generate(requests, &mut |e: &TokenEvent| on_text(e.request, &e.text))
+        self.run(requests, on_text)
     }
 
     /// Continues a conversation: the reply to `messages`, streamed through `on_text`.
@@ -93,31 +109,49 @@ impl Pipeline {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<GenerationOutput, KvqError> {
         let req = self.request(&self.render(messages)?)?;
-        let mut out = self
-            .engine
-            .generate(vec![req], &mut |e: &TokenEvent| on_text(&e.text))?;
+        let mut out = self.run(vec![req], &mut |_, text| on_text(text))?;
         Ok(out.pop().expect("one request, one output"))
     }
 
     /// The model's chat template applied to `messages`, with the assistant turn opened.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, KvqError> {
-        let tok = &self.engine.tokenizer;
-        let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
-        let template = tok.chat_template().unwrap_or(CHATML_TEMPLATE);
-        render_chat(
-            template,
-            messages,
-            true,
-            &name(tok.bos_id()),
-            &name(tok.eos_id()),
-        )
+        apply_chat_template(self.engine.tokenizer(), messages)
     }
 
     fn request(&self, text: &str) -> Result<Request, KvqError> {
         Ok(Request {
-            prompt: self.engine.tokenizer.encode(text, true)?,
+            prompt: self.engine.tokenizer().encode(text, true)?,
             params: self.generation.sampling.clone(),
-            stop_ids: Vec::new(),
+            stop: self.generation.stop.clone(),
+            ..Default::default()
+        })
+    }
+
+    /// Submits `requests` together and waits for all of them, passing text on as it comes.
+    fn run(
+        &self,
+        requests: Vec<Request>,
+        on_text: &mut dyn FnMut(usize, &str),
+    ) -> Result<Vec<GenerationOutput>, KvqError> {
+        futures::executor::block_on(async {
+            let mut streams = Vec::with_capacity(requests.len());
+            for (i, r) in requests.into_iter().enumerate() {
+                // An error drops the streams already made, which cancels their requests.
+                let s = self.engine.submit(r).await?;
+                streams.push(s.map(move |event| (i, event)));
+            }
+            let mut outputs: Vec<Option<GenerationOutput>> = vec![None; streams.len()];
+            let mut events = stream::select_all(streams);
+            while let Some((i, event)) = events.next().await {
+                match event? {
+                    EngineEvent::Token(t) => on_text(i, &t.text),
+                    EngineEvent::Finished(out) => outputs[i] = Some(out),
+                }
+            }
+            outputs
+                .into_iter()
+                .map(|o| o.ok_or_else(|| KvqError::Engine("a request ended unfinished".into())))
+                .collect()
         })
     }
 }

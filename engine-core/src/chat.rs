@@ -5,6 +5,7 @@ use minijinja::{context, Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
 use crate::error::KvqError;
+use crate::loader::Tokenizer;
 
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +52,20 @@ pub fn render_chat(
             eos_token => eos_token,
         })
         .map_err(bad)
+}
+
+/// `messages` in the tokenizer's chat template (ChatML when the model ships none), with the
+/// assistant's turn opened: the prompt text of a chat request.
+pub fn apply_chat_template(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<String, KvqError> {
+    let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
+    let template = tok.chat_template().unwrap_or(CHATML_TEMPLATE);
+    render_chat(
+        template,
+        messages,
+        true,
+        &name(tok.bos_id()),
+        &name(tok.eos_id()),
+    )
 }
 
 #[cfg(test)]

@@ -40,6 +40,12 @@ pub enum KvqError {
     /// A caller broke an API contract (wrong buffer length, unknown block, …).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The engine failed while running a request (a failed step fails every request in it).
+    #[error("engine: {0}")]
+    Engine(String),
+    /// The engine's thread has stopped; nothing more can be submitted.
+    #[error("the engine has stopped")]
+    EngineStopped,
     #[error("io error on {path}: {source}")]
     Io {
         path: String,

@@ -20,6 +20,9 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     pub max_new_tokens: usize,
     pub seed: u64,
+    /// Keep generating past the model's end-of-sequence token (until `max_new_tokens` or the
+    /// session length; the request's own stop ids still stop it), for benchmarks.
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -31,6 +34,7 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             max_new_tokens: 128,
             seed: 0,
+            ignore_eos: false,
         }
     }
 }
@@ -206,6 +210,14 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(s.sample(&[2.0, 1.9], &[0]), 1);
+    }
+
+    #[test]
+    fn ignore_eos_defaults_to_false_in_serde() {
+        let p: SamplingParams = serde_json::from_str(r#"{"max_new_tokens": 4}"#).unwrap();
+        assert!(!p.ignore_eos);
+        let p: SamplingParams = serde_json::from_str(r#"{"ignore_eos": true}"#).unwrap();
+        assert!(p.ignore_eos && p.max_new_tokens == 128);
     }
 
     #[test]

@@ -119,6 +119,9 @@ pub struct SamplingArgs {
     pub repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Keep generating past the end-of-sequence token, up to --max-new-tokens.
+    #[arg(long = "ignore-eos")]
+    pub ignore_eos: bool,
 }
 
 impl SamplingArgs {
@@ -130,6 +133,7 @@ impl SamplingArgs {
             repetition_penalty: self.repetition_penalty,
             max_new_tokens: self.max_new_tokens,
             seed: self.seed,
+            ignore_eos: self.ignore_eos,
         }
     }
 }

@@ -1,11 +1,14 @@
 //! Command-line interface: one module per subcommand, flags shared through [`args`].
 
 mod args;
+mod bench;
+mod bench_attention;
 mod chat;
 mod check_config;
 mod eval;
 mod generate;
 mod loading;
+mod serve;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -31,6 +34,10 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Chat interactively with the model (multi-turn, streaming).
     Chat(chat::ChatArgs),
+    /// Speed benchmarks.
+    Bench(bench::BenchArgs),
+    /// Serve the OpenAI-compatible API (`kvq serve [api_server] [MODEL]`).
+    Serve(serve::ServeArgs),
 }
 
 /// Parses the command line and runs it; errors go to stderr with a non-zero exit.
@@ -41,6 +48,8 @@ pub fn run() -> ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Serve(a) => serve::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,3 +1,5 @@
 //! End-to-end tests of the `kvq` command line.
 
+mod bench;
 mod check_config;
+mod serve;

@@ -27,7 +27,7 @@ fn greedy(engine: &mut Engine, prompts: &[&str]) -> Vec<Vec<u32>> {
                 max_new_tokens: 24,
                 ..Default::default()
             },
-            stop_ids: vec![],
+            ..Default::default()
         })
         .collect();
     let out = engine.generate(requests, &mut |_| {}).unwrap();

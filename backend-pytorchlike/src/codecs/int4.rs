@@ -51,11 +51,13 @@ impl SideCodec for Int4Side {
 
     fn decode(&self, data: &[u8], meta: &[u8], out: &mut [f32]) {
         let (scale, zero) = load_scale_zero(self.dtype, meta);
-        let (lo, hi) = out[..self.dim].split_at_mut(self.dim / 2);
-        for ((&byte, a), b) in data.iter().zip(lo).zip(hi) {
-            *a = ((byte & 0xF) as f32 - zero) * scale;
-            *b = ((byte >> 4) as f32 - zero) * scale;
-        }
+        // (c − zero) · scale per element, vectorized.
+        engine_core::ops::simd::nib_sub_mul_half_split(
+            &data[..self.dim / 2],
+            zero,
+            scale,
+            &mut out[..self.dim],
+        );
     }
 
     /// `scale · Σ qᵢ (cᵢ − zero)`, reading both nibbles of each byte in place.

@@ -49,9 +49,8 @@ impl SideCodec for Int8Side {
 
     fn decode(&self, data: &[u8], meta: &[u8], out: &mut [f32]) {
         let (scale, zero) = load_scale_zero(self.dtype, meta);
-        for (o, &c) in out[..self.dim].iter_mut().zip(data) {
-            *o = (c as f32 - zero) * scale;
-        }
+        // (c − zero) · scale per element, vectorized.
+        engine_core::ops::simd::u8_sub_mul(&data[..self.dim], zero, scale, &mut out[..self.dim]);
     }
 
     /// `scale · Σ qᵢ (cᵢ − zero)`, reading the codes in place.

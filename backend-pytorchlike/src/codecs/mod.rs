@@ -37,9 +37,11 @@ fn pair<S: SideCodec + 'static>(
 
 /// Policy 8.
 pub fn int8_codec(head_dim_k: usize, head_dim_v: usize, dtype: KvDtype) -> KvPair {
-    pair("int8", 8, head_dim_k, head_dim_v, |d| {
+    let mut c = pair("int8", 8, head_dim_k, head_dim_v, |d| {
         Int8Side::new(d, dtype)
-    })
+    });
+    c.gpu_kernel = Some("pt_int8");
+    c
 }
 
 /// Policy 4.
@@ -47,7 +49,9 @@ pub fn int8_codec(head_dim_k: usize, head_dim_v: usize, dtype: KvDtype) -> KvPai
 /// # Panics
 /// If a head dim is odd.
 pub fn int4_codec(head_dim_k: usize, head_dim_v: usize, dtype: KvDtype) -> KvPair {
-    pair("int4", 4, head_dim_k, head_dim_v, |d| {
+    let mut c = pair("int4", 4, head_dim_k, head_dim_v, |d| {
         Int4Side::new(d, dtype)
-    })
+    });
+    c.gpu_kernel = Some("pt_int4");
+    c
 }

@@ -133,11 +133,14 @@ impl SideCodec for Qjl4Side {
 
     fn decode(&self, data: &[u8], meta: &[u8], out: &mut [f32]) {
         let (n, g) = self.load_meta(meta);
-        let half = self.dim / 2;
-        for (j, &byte) in data[..half].iter().enumerate() {
-            out[j] = n * self.level(byte & 0xF, g);
-            out[j + half] = n * self.level(byte >> 4, g);
-        }
+        // n · level(nibble) (= n · (C3[i] ± g), as `level`), a lookup per element.
+        engine_core::ops::simd::lut16_half_split_pm(
+            &self.book.centroids,
+            g,
+            n,
+            &data[..self.dim / 2],
+            &mut out[..self.dim],
+        );
     }
 
     /// `n · (Σ qⱼ C3[iⱼ]/√D + g · Σ ±qⱼ)`, reading the nibbles in place.
@@ -214,12 +217,13 @@ impl SideCodec for LloydMax2Side {
 
     fn decode(&self, data: &[u8], meta: &[u8], out: &mut [f32]) {
         let n = self.dtype.load_at(meta, 0);
-        let quarter = self.dim / 4;
-        for (j, &byte) in data[..quarter].iter().enumerate() {
-            for k in 0..4 {
-                out[j + k * quarter] = n * self.book.centroids[((byte >> (2 * k)) & 3) as usize];
-            }
-        }
+        // n · C2[i], a lookup per element.
+        engine_core::ops::simd::lut4_quarter_split_scaled(
+            &self.book.centroids,
+            n,
+            &data[..self.dim / 4],
+            &mut out[..self.dim],
+        );
     }
 
     /// `n · Σ qⱼ C2[iⱼ]/√Dv`, reading the 2-bit codes in place.
@@ -263,7 +267,9 @@ pub fn turbo_quant_codec(head_dim_k: usize, head_dim_v: usize, dtype: KvDtype) -
         inner: LloydMax2Side::new(head_dim_v, dtype),
         dtype,
     };
-    KvPair::new("turbo_quant", Some(42), Arc::new(k), Arc::new(v))
+    let mut c = KvPair::new("turbo_quant", Some(42), Arc::new(k), Arc::new(v));
+    c.gpu_kernel = Some("turbo_quant");
+    c
 }
 
 #[cfg(test)]

@@ -101,14 +101,15 @@ impl SideCodec for TmInt4Side {
 
     fn decode(&self, data: &[u8], meta: &[u8], out: &mut [f32]) {
         let p = self.params(meta);
-        for (o, codes) in out[..self.dim]
-            .chunks_exact_mut(GROUP)
-            .zip(self.groups(data))
-        {
-            for (o, &c) in o.iter_mut().zip(&codes) {
-                *o = p.decode(c);
-            }
-        }
+        // `Params::decode` (c · scale + zero, two roundings) per element, vectorized.
+        let slots = std::array::from_fn(|j| nibble_slot(j) as u32);
+        engine_core::ops::simd::nib_mul_add_words(
+            &data[..self.dim / 2],
+            slots,
+            p.scale,
+            p.zero,
+            &mut out[..self.dim],
+        );
     }
 
     fn dot(&self, q: &[f32], data: &[u8], meta: &[u8]) -> f32 {

@@ -53,9 +53,13 @@ impl SideCodec for TmInt8Side {
 
     fn decode(&self, data: &[u8], meta: &[u8], out: &mut [f32]) {
         let p = self.params(meta);
-        for (o, &c) in out[..self.dim].iter_mut().zip(data) {
-            *o = p.decode(c);
-        }
+        // `Params::decode` (c · scale + zero, two roundings) per element, vectorized.
+        engine_core::ops::simd::u8_mul_add(
+            &data[..self.dim],
+            p.scale,
+            p.zero,
+            &mut out[..self.dim],
+        );
     }
 
     fn dot(&self, q: &[f32], data: &[u8], meta: &[u8]) -> f32 {

@@ -16,9 +16,11 @@ pub use int8::TmInt8Side;
 
 /// Policy 8: TurboMind int8 for K and V.
 pub fn int8_codec(head_dim_k: usize, head_dim_v: usize, dtype: KvDtype) -> KvPair {
-    pair("int8", 8, head_dim_k, head_dim_v, |d| {
+    let mut c = pair("int8", 8, head_dim_k, head_dim_v, |d| {
         Arc::new(TmInt8Side::new(d, dtype))
-    })
+    });
+    c.gpu_kernel = Some("tm_int8");
+    c
 }
 
 /// Policy 4: TurboMind int4 for K and V.
@@ -26,9 +28,11 @@ pub fn int8_codec(head_dim_k: usize, head_dim_v: usize, dtype: KvDtype) -> KvPai
 /// # Panics
 /// If a head dim is not a multiple of 8 (see [`TmInt4Side::new`]).
 pub fn int4_codec(head_dim_k: usize, head_dim_v: usize, dtype: KvDtype) -> KvPair {
-    pair("int4", 4, head_dim_k, head_dim_v, |d| {
+    let mut c = pair("int4", 4, head_dim_k, head_dim_v, |d| {
         Arc::new(TmInt4Side::new(d, dtype))
-    })
+    });
+    c.gpu_kernel = Some("tm_int4");
+    c
 }
 
 /// One side shared by K and V when their dims agree (the usual case), two otherwise.

@@ -41,7 +41,9 @@ impl Params {
 
     /// `q·scale + zero` in f32. TurboMind uses an FMA in T (`__hfma`), which also rounds the
     /// result to T; we keep the f32 value so the fused `dot`/`axpy` forms agree with `decode`
-    /// to f32 precision (the two differ by at most half an ulp of T).
+    /// to f32 precision (the two differ by at most half an ulp of T). The decoders compute
+    /// exactly this, vectorized (`engine_core::ops::simd::u8_mul_add`); the tests hold them to it.
+    #[cfg(test)]
     #[inline]
     pub fn decode(self, q: u8) -> f32 {
         f32::from(q) * self.scale + self.zero
@@ -150,7 +152,11 @@ pub fn cvt_rni_sat_u8(v: f32) -> u8 {
     if v.is_nan() {
         0
     } else {
-        v.round_ties_even().clamp(0.0, 255.0) as u8
+        // Clamping first does not change the result; on `[0, 255]` adding and removing 2^23
+        // rounds half to even without a libm call (the baseline x86-64 target has no
+        // `roundss`).
+        let c = v.clamp(0.0, 255.0);
+        ((c + 8_388_608.0) - 8_388_608.0) as u8
     }
 }
 
@@ -190,6 +196,24 @@ impl DotAccumulator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conversion_equals_round_ties_even_then_clamp() {
+        let mut x = -300.0f32;
+        while x < 300.0 {
+            for v in [x, x + 0.5, x + 0.499_999_97, x + 0.500_000_06] {
+                let want = v.round_ties_even().clamp(0.0, 255.0) as u8;
+                assert_eq!(cvt_rni_sat_u8(v), want, "{v}");
+            }
+            x += 0.25;
+        }
+        for v in [f32::INFINITY, f32::NEG_INFINITY, f32::MAX, -0.0, 1e-30] {
+            assert_eq!(
+                cvt_rni_sat_u8(v),
+                v.round_ties_even().clamp(0.0, 255.0) as u8
+            );
+        }
+    }
 
     #[test]
     fn conversion_rounds_ties_to_even_saturates_and_maps_nan_to_zero() {

@@ -1,11 +1,20 @@
-//! Paged attention on the CPU, reading packed K/V bytes through the codec (fused score and
-//! accumulate), with an online softmax so no score matrix and no dequantized cache is built.
+//! Paged attention on the CPU, reading packed K/V bytes through the codec, with an online
+//! softmax so no score matrix and no dequantized cache is built.
 //!
-//! One pass per (sequence, KV head): each cached token is read once and scored against every
-//! query row of the GQA group that may see it (causal), the way the GPU kernel shares a KV
-//! tile among a group's query heads.
+//! Work is split per (sequence, KV head), by chunks of query rows (prefill) and by fixed
+//! ranges of cached tokens whose softmax states are merged afterwards (so that one decode row
+//! over three KV heads still uses every thread); the split never depends on the batch, so a
+//! row's result does not either.
+//! Each task walks its tokens a tile at a time: the tile's K and V are decoded once into small
+//! f32 buffers and shared by every query row of the GQA group that may see them (causal), the
+//! way the GPU kernel shares a KV tile among a group's query heads; scores, exponentials and
+//! the weighted sum of V then run as vector loops (AVX2 when the CPU has it).
+
+use std::ops::Range;
 
 use rayon::prelude::*;
+
+use crate::ops::simd::{Lanes, Portable};
 
 use crate::cache::{BlockTable, PagedKvCache};
 use crate::error::KvqError;
@@ -42,6 +51,19 @@ pub fn paged_attention(
     q: &[f32],
     batch: &AttentionBatch<'_>,
     out: &mut [f32],
+) -> Result<(), KvqError> {
+    attention_with(cache, layer, q, batch, out, None)
+}
+
+/// [`paged_attention`] with the vector kernels chosen (`Some(false)`: portable; `None`: the
+/// best this CPU runs).
+fn attention_with(
+    cache: &PagedKvCache,
+    layer: usize,
+    q: &[f32],
+    batch: &AttentionBatch<'_>,
+    out: &mut [f32],
+    use_avx2: Option<bool>,
 ) -> Result<(), KvqError> {
     let codec = cache.codec().as_ref();
     let (dk, dv) = (codec.head_dim_k(), codec.head_dim_v());
@@ -82,96 +104,394 @@ pub fn paged_attention(
             )));
         }
     }
-    // One task per (sequence, KV head): each reads its cached tokens once for the whole group.
-    let tasks: Vec<(usize, usize)> = (0..batch.seqs.len())
-        .flat_map(|s| (0..kv_heads).map(move |h| (s, h)))
-        .collect();
-    let results: Vec<Vec<f32>> = tasks
+    // Every query row mapped into the K domain and scaled once, not once per task (a row's
+    // token pieces would each rotate it again).
+    let k_domain = codec.k_domain();
+    let mut qd = q[..rows * heads * dk].to_vec();
+    qd.par_chunks_mut(dk * heads * 16).for_each(|c| {
+        for r in c.chunks_exact_mut(dk) {
+            k_domain.forward(r);
+            r.iter_mut().for_each(|x| *x *= batch.scale);
+        }
+    });
+    let tasks = plan_tasks(batch, kv_heads);
+    let avx2 = use_avx2.unwrap_or_else(crate::ops::simd::has_avx2);
+    let partials: Vec<Partial> = tasks
         .par_iter()
-        .map(|&(s, kvh)| {
+        .map(|t| {
             let g = GroupQuery {
-                q,
-                seq: &batch.seqs[s],
-                kvh,
+                q: &qd,
+                seq: &batch.seqs[t.seq],
+                kvh: t.kvh,
                 heads,
                 group,
-                scale: batch.scale,
             };
-            attend_group(cache, layer, &g)
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+                return unsafe { attend_task_avx2(cache, layer, &g, t) };
+            }
+            let _ = avx2;
+            attend_task::<Portable>(cache, layer, &g, t)
         })
         .collect();
-    for (&(s, kvh), res) in tasks.iter().zip(&results) {
-        let seq = &batch.seqs[s];
-        for i in 0..seq.q_len {
-            for g in 0..group {
-                let h = kvh * group + g;
-                out[((seq.q_start + i) * heads + h) * dv..][..dv]
-                    .copy_from_slice(&res[(i * group + g) * dv..][..dv]);
-            }
+    // Merge the token splits of each (sequence, head, rows) and write the normalized output.
+    let v_domain = codec.v_domain();
+    let mut i = 0;
+    while i < tasks.len() {
+        let t = &tasks[i];
+        let mut j = i + 1;
+        while j < tasks.len() && tasks[j].same_rows(t) {
+            j += 1;
         }
+        let mut merged = partials[i].clone();
+        for p in &partials[i + 1..j] {
+            merged.merge(p, dv);
+        }
+        let seq = &batch.seqs[t.seq];
+        for (r, (acc, &l)) in merged.acc.chunks_exact(dv).zip(&merged.l).enumerate() {
+            let (pos, g) = (t.rows.start + r / group, r % group);
+            let h = t.kvh * group + g;
+            let o = &mut out[((seq.q_start + pos) * heads + h) * dv..][..dv];
+            let inv = 1.0 / l;
+            o.iter_mut().zip(acc).for_each(|(o, a)| *o = a * inv);
+            v_domain.inverse(o);
+        }
+        i = j;
     }
     Ok(())
 }
 
+/// Tokens decoded and scored together: one K tile and one V tile of this many tokens.
+const TILE: usize = 32;
+/// Query positions per task when a sequence brings many (prefill).
+const ROW_CHUNK: usize = 32;
+/// Cached tokens per task: the context is cut at fixed multiples of this, and the pieces'
+/// softmax states merged in order, so that even one decode row keeps every thread busy.
+const SPLIT: usize = 256;
+
+/// One unit of parallel work: some query positions of one sequence and KV head, against a
+/// range of its cached tokens.
+#[derive(Debug, Clone)]
+struct Task {
+    seq: usize,
+    kvh: usize,
+    /// Query positions (indices into the sequence's rows of this step).
+    rows: Range<usize>,
+    /// Cached tokens scored by this task (a later row may see more than an earlier one).
+    tokens: Range<usize>,
+}
+
+impl Task {
+    fn same_rows(&self, o: &Task) -> bool {
+        (self.seq, self.kvh, &self.rows) == (o.seq, o.kvh, &o.rows)
+    }
+}
+
+/// Splits the batch into tasks: each sequence's query positions into chunks of
+/// [`ROW_CHUNK`], and the tokens each chunk sees into pieces at multiples of [`SPLIT`]. Token
+/// pieces of the same rows are adjacent, in token order.
+///
+/// The boundaries depend only on token positions, never on the batch, the chunking of a
+/// prompt or the thread count, and a row's arithmetic does not depend on which other rows
+/// share its task: every row gets bit-identical results however it is batched.
+fn plan_tasks(batch: &AttentionBatch<'_>, kv_heads: usize) -> Vec<Task> {
+    let mut tasks = Vec::new();
+    for (s, seq) in batch.seqs.iter().enumerate() {
+        let first_pos = seq.context_len - seq.q_len;
+        for kvh in 0..kv_heads {
+            for r0 in (0..seq.q_len).step_by(ROW_CHUNK) {
+                let r1 = (r0 + ROW_CHUNK).min(seq.q_len);
+                let visible = first_pos + r1;
+                for t0 in (0..visible).step_by(SPLIT) {
+                    tasks.push(Task {
+                        seq: s,
+                        kvh,
+                        rows: r0..r1,
+                        tokens: t0..(t0 + SPLIT).min(visible),
+                    });
+                }
+            }
+        }
+    }
+    tasks
+}
+
 /// The query rows of one GQA group of one sequence.
 struct GroupQuery<'a> {
+    /// Every query row of the batch, already in the K domain and scaled.
     q: &'a [f32],
     seq: &'a SeqSlice<'a>,
     kvh: usize,
     heads: usize,
     group: usize,
-    scale: f32,
 }
 
-/// Online-softmax attention of one group's query rows over one sequence's cached tokens;
-/// returns `[q_len, group, dv]` in the model domain.
-fn attend_group(cache: &PagedKvCache, layer: usize, g: &GroupQuery<'_>) -> Vec<f32> {
+/// Online-softmax state of some query rows over some tokens: running max `m`, sum of
+/// `exp(s − m)` `l`, and `Σ exp(s − m) · V` `acc` (`[rows, dv]`, in the V domain).
+#[derive(Debug, Clone)]
+struct Partial {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+impl Partial {
+    /// Adds the state of the same rows over other tokens.
+    fn merge(&mut self, o: &Partial, dv: usize) {
+        for r in 0..self.m.len() {
+            let m = self.m[r].max(o.m[r]);
+            if m == f32::NEG_INFINITY {
+                continue; // neither saw a token
+            }
+            let weight = |x: f32| {
+                if x == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    (x - m).exp()
+                }
+            };
+            let (a, b) = (weight(self.m[r]), weight(o.m[r]));
+            self.l[r] = self.l[r] * a + o.l[r] * b;
+            let acc = &mut self.acc[r * dv..][..dv];
+            for (x, y) in acc.iter_mut().zip(&o.acc[r * dv..][..dv]) {
+                *x = *x * a + y * b;
+            }
+            self.m[r] = m;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_task_avx2(
+    cache: &PagedKvCache,
+    layer: usize,
+    g: &GroupQuery<'_>,
+    t: &Task,
+) -> Partial {
+    attend_task::<crate::ops::simd::Avx2>(cache, layer, g, t)
+}
+
+/// Online-softmax attention of one task's query rows over its tokens, a tile at a time: the
+/// tile's K and V are decoded once (one codec call per token) for every row of the group,
+/// then scored and accumulated with the vector kernels of `L`.
+#[inline(always)]
+fn attend_task<L: Lanes>(
+    cache: &PagedKvCache,
+    layer: usize,
+    g: &GroupQuery<'_>,
+    t: &Task,
+) -> Partial {
     let codec = cache.codec().as_ref();
     let (dk, dv) = (codec.head_dim_k(), codec.head_dim_v());
-    let (k_domain, v_domain) = (codec.k_domain(), codec.v_domain());
     let (seq, group) = (g.seq, g.group);
     let first_pos = seq.context_len - seq.q_len;
-    let n = seq.q_len * group;
-    // Query rows of this group, mapped into the K domain once.
-    let mut qs = vec![0f32; n * dk];
-    for i in 0..seq.q_len {
-        for j in 0..group {
-            let h = g.kvh * group + j;
-            let src = ((seq.q_start + i) * g.heads + h) * dk;
-            let dst = &mut qs[(i * group + j) * dk..][..dk];
-            dst.copy_from_slice(&g.q[src..src + dk]);
-            k_domain.forward(dst);
-        }
-    }
-    let mut max = vec![f32::NEG_INFINITY; n];
-    let mut sum = vec![0f32; n];
+    let n = t.rows.len() * group;
+    // The group's query heads of one position are adjacent: row r of the task is query head
+    // `kvh · group + r % group` of position `rows.start + r / group`.
+    let q_row = |r: usize| {
+        let (i, j) = (t.rows.start + r / group, r % group);
+        &g.q[((seq.q_start + i) * g.heads + g.kvh * group + j) * dk..][..dk]
+    };
+    let row_pos: Vec<usize> = (0..n)
+        .map(|r| first_pos + t.rows.start + r / group)
+        .collect();
+    let mut m = vec![f32::NEG_INFINITY; n];
+    let mut l = vec![0f32; n];
     let mut acc = vec![0f32; n * dv];
+    let mut kt = vec![0f32; TILE * dk];
+    let mut vt = vec![0f32; TILE * dv];
+    let mut s = [0f32; TILE];
     let block_size = cache.block_size();
-    for t in 0..seq.context_len {
-        let slot = seq.block_table.slot(t, block_size);
-        let (kd, km) = cache.k_entry(layer, slot, g.kvh);
-        let (vd, vm) = cache.v_entry(layer, slot, g.kvh);
-        // Rows that may see token t: query positions ≥ t.
-        let first_row = t.saturating_sub(first_pos);
-        for r in first_row * group..n {
-            let s = codec.score_k(&qs[r * dk..][..dk], kd, km) * g.scale;
-            let m_new = max[r].max(s);
-            let correction = (max[r] - m_new).exp();
-            let p = (s - m_new).exp();
-            max[r] = m_new;
-            sum[r] = sum[r] * correction + p;
-            let a = &mut acc[r * dv..][..dv];
-            if correction != 1.0 {
-                a.iter_mut().for_each(|x| *x *= correction);
+    // No row of the task sees past its last position.
+    let end = t.tokens.end.min(first_pos + t.rows.end);
+    let mut t0 = t.tokens.start;
+    while t0 < end {
+        let t1 = (t0 + TILE).min(end);
+        let (mut blk, mut off) = (t0 / block_size, t0 % block_size);
+        for j in 0..t1 - t0 {
+            let block = seq.block_table.blocks[blk] as usize;
+            let [kd, km, vd, vm] = cache.kv_entry_in_block(layer, block, off, g.kvh);
+            codec.decode_k(kd, km, &mut kt[j * dk..][..dk]);
+            codec.decode_v(vd, vm, &mut vt[j * dv..][..dv]);
+            off += 1;
+            if off == block_size {
+                (blk, off) = (blk + 1, 0);
             }
-            codec.accumulate_v(p, vd, vm, a);
+        }
+        for (r, &pos) in row_pos.iter().enumerate() {
+            if pos < t0 {
+                continue; // causal: this row sees nothing of the tile
+            }
+            let cnt = (pos + 1).min(t1) - t0;
+            let s = &mut s[..cnt];
+            // SAFETY: `L`'s features are enabled here (see `attend_task_avx2`).
+            unsafe { L::dots(q_row(r), &kt[..cnt * dk], s) };
+            let tile_max = unsafe { L::max(s) };
+            let m_new = m[r].max(tile_max);
+            let correction = if m[r] == f32::NEG_INFINITY {
+                0.0
+            } else {
+                (m[r] - m_new).exp()
+            };
+            let sum = unsafe { L::exp_sub_sum(s, m_new) };
+            l[r] = l[r] * correction + sum;
+            unsafe {
+                L::scale_accumulate(&mut acc[r * dv..][..dv], correction, s, &vt[..cnt * dv])
+            };
+            m[r] = m_new;
+        }
+        t0 = t1;
+    }
+    Partial { m, l, acc }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::cache::{BlockPool, BlockTable, CacheLayout};
+    use crate::codec::{float_codec, KvCodec};
+    use crate::testing::{fresh_seed, gaussian, poisoned, rng, AttentionProblem};
+    use crate::KvDtype;
+
+    /// A cache holding `seqs` sequences of the given lengths (random K/V, f32 so decoding is
+    /// exact), with shuffled block tables.
+    struct Setup {
+        cache: PagedKvCache,
+        lens: Vec<usize>,
+        tables: Vec<BlockTable>,
+        k: Vec<Vec<f32>>,
+        v: Vec<Vec<f32>>,
+    }
+
+    const BLOCK: usize = 16;
+
+    fn setup(seed: u64, lens: &[usize], kv_heads: usize, dk: usize, dv: usize) -> Setup {
+        let codec: Arc<dyn KvCodec> = Arc::new(float_codec(dk, dv, KvDtype::F32));
+        let blocks: usize = lens.iter().map(|&n| n.div_ceil(BLOCK)).sum::<usize>() + 2;
+        let layout =
+            CacheLayout::token_major(codec.k_bytes(), codec.v_bytes(), 2, kv_heads, BLOCK, 64);
+        let mut cache = PagedKvCache::new(layout, codec, blocks);
+        let mut pool = BlockPool::new(blocks);
+        let mut r = rng(seed);
+        let (mut tables, mut ks, mut vs) = (vec![], vec![], vec![]);
+        for &n in lens {
+            let mut t = BlockTable::default();
+            t.reserve(&mut pool, n, BLOCK).unwrap();
+            t.blocks.reverse();
+            let slots: Vec<usize> = (0..n).map(|p| t.slot(p, BLOCK)).collect();
+            let k = gaussian(&mut r, n * kv_heads * dk);
+            let v = gaussian(&mut r, n * kv_heads * dv);
+            cache.write(1, &k, &v, &slots).unwrap();
+            tables.push(t);
+            ks.push(k);
+            vs.push(v);
+        }
+        Setup {
+            cache,
+            lens: lens.to_vec(),
+            tables,
+            k: ks,
+            v: vs,
         }
     }
-    for r in 0..n {
-        let inv = 1.0 / sum[r];
-        let o = &mut acc[r * dv..][..dv];
-        o.iter_mut().for_each(|x| *x *= inv);
-        v_domain.inverse(o);
+
+    fn run(
+        st: &Setup,
+        seqs: &[(usize, usize)],
+        q: &[f32],
+        heads: usize,
+        dv: usize,
+        avx2: Option<bool>,
+    ) -> Vec<f32> {
+        // (sequence, query rows ending the sequence)
+        let mut q_start = 0;
+        let slices: Vec<SeqSlice<'_>> = seqs
+            .iter()
+            .map(|&(s, q_len)| {
+                let sl = SeqSlice {
+                    q_start,
+                    q_len,
+                    context_len: st.lens[s],
+                    block_table: &st.tables[s],
+                };
+                q_start += q_len;
+                sl
+            })
+            .collect();
+        let batch = AttentionBatch {
+            seqs: slices,
+            num_heads: heads,
+            scale: 0.125,
+        };
+        let mut out = poisoned(q_start * heads * dv);
+        attention_with(&st.cache, 1, q, &batch, &mut out, avx2).unwrap();
+        out
     }
-    acc
+
+    /// Prefill rows over several row chunks and token splits, against dense f64 attention.
+    #[test]
+    fn long_prefill_matches_dense_reference_with_both_kernels() {
+        let seed = fresh_seed("cpu attention long prefill");
+        let (heads, kv_heads, d, tokens, q_rows) = (6, 2, 64, 3 * SPLIT + 45, ROW_CHUNK * 2 + 7);
+        let st = setup(seed, &[tokens], kv_heads, d, d);
+        let q = gaussian(&mut rng(seed ^ 1), q_rows * heads * d);
+        let p = AttentionProblem {
+            heads,
+            kv_heads,
+            tokens,
+            block_size: BLOCK,
+            q: q.clone(),
+            k: st.k[0].clone(),
+            v: st.v[0].clone(),
+            q_rows,
+        };
+        let want = p.dense_reference(&st.k[0], &st.v[0], d, d);
+        let mut kernels = vec![Some(false)];
+        if crate::ops::simd::has_avx2() {
+            kernels.push(Some(true));
+        }
+        for avx2 in kernels {
+            let got = run(&st, &[(0, q_rows)], &q, heads, d, avx2);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 2e-4 * (1.0 + w.abs()),
+                    "avx2 {avx2:?}: output {i}: {g} vs {w} (seed {seed})"
+                );
+            }
+        }
+    }
+
+    /// A row's output is bit-identical alone, in a batch, and inside a prefill chunk.
+    #[test]
+    fn rows_are_batch_invariant() {
+        let seed = fresh_seed("cpu attention batch invariance");
+        let (heads, kv_heads, d) = (9, 3, 64);
+        let lens = [SPLIT * 2 + 10, 40, SPLIT + 3];
+        let st = setup(seed, &lens, kv_heads, d, d);
+        let mut r = rng(seed ^ 7);
+        let chunk = 50;
+        let q_chunk = gaussian(&mut r, chunk * heads * d);
+        let last = &q_chunk[(chunk - 1) * heads * d..];
+        let alone = run(&st, &[(0, 1)], last, heads, d, None);
+        let q_other = gaussian(&mut r, 2 * heads * d);
+        let mut q_batch = q_other[..heads * d].to_vec();
+        q_batch.extend_from_slice(last);
+        q_batch.extend_from_slice(&q_other[heads * d..]);
+        let batched = run(&st, &[(1, 1), (0, 1), (2, 1)], &q_batch, heads, d, None);
+        assert_eq!(
+            alone,
+            batched[heads * d..2 * heads * d],
+            "decode row alone vs batched"
+        );
+        let prefill = run(&st, &[(0, chunk)], &q_chunk, heads, d, None);
+        assert_eq!(
+            alone,
+            prefill[(chunk - 1) * heads * d..],
+            "decode row vs prefill chunk"
+        );
+    }
 }

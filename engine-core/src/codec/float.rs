@@ -22,11 +22,17 @@ impl SideCodec for FloatSide {
         }
     }
     fn encode(&self, x: &[f32], data: &mut [u8], _meta: &mut [u8]) {
+        if self.dtype == KvDtype::F16 {
+            return crate::ops::simd::f32_to_f16(&x[..self.dim], data);
+        }
         for (i, &v) in x.iter().enumerate() {
             self.dtype.store_at(v, data, i);
         }
     }
     fn decode(&self, data: &[u8], _meta: &[u8], out: &mut [f32]) {
+        if self.dtype == KvDtype::F16 {
+            return crate::ops::simd::f16_to_f32(data, &mut out[..self.dim]);
+        }
         for (i, o) in out.iter_mut().enumerate() {
             *o = self.dtype.load_at(data, i);
         }
@@ -47,7 +53,7 @@ impl SideCodec for FloatSide {
 /// The policy-0 codec for the given head dims and dtype.
 pub fn float_codec(head_dim_k: usize, head_dim_v: usize, dtype: KvDtype) -> super::KvPair {
     use std::sync::Arc;
-    super::KvPair::new(
+    let mut c = super::KvPair::new(
         "none",
         Some(0),
         Arc::new(FloatSide {
@@ -58,7 +64,9 @@ pub fn float_codec(head_dim_k: usize, head_dim_v: usize, dtype: KvDtype) -> supe
             dim: head_dim_v,
             dtype,
         }),
-    )
+    );
+    c.gpu_kernel = Some("float");
+    c
 }
 
 #[cfg(test)]

@@ -26,10 +26,10 @@ use crate::model_spec::ModelSpec;
 use crate::testing::{gaussian, rng};
 
 /// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(PathBuf);
 
 impl TempDir {
-    fn new(label: &str) -> Self {
+    pub(crate) fn new(label: &str) -> Self {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("kvq-hf-{label}-{}-{n}", std::process::id()));
@@ -38,7 +38,7 @@ impl TempDir {
         Self(dir)
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 
@@ -64,7 +64,7 @@ fn tiny_config(tied: bool) -> String {
     )
 }
 
-fn tiny_spec(tied: bool) -> ModelSpec {
+pub(crate) fn tiny_spec(tied: bool) -> ModelSpec {
     ModelSpec::from_config_json_str(&tiny_config(tied), "config.json").unwrap()
 }
 
@@ -91,10 +91,10 @@ fn all_tensors(spec: &ModelSpec) -> Vec<LlamaTensor> {
 }
 
 /// One tensor to write: HF name, shape, f32 values.
-type Entry = (String, Vec<usize>, Vec<f32>);
+pub(crate) type Entry = (String, Vec<usize>, Vec<f32>);
 
 /// Random weights for `spec` (norm weights near 1, matrices small).
-fn random_weights(spec: &ModelSpec, seed: u64) -> Vec<Entry> {
+pub(crate) fn random_weights(spec: &ModelSpec, seed: u64) -> Vec<Entry> {
     let mut r = rng(seed);
     all_tensors(spec)
         .into_iter()
@@ -182,7 +182,7 @@ fn write_sharded(dir: &Path, entries: &[Entry], dtype: Dtype, shards: usize) {
 }
 
 /// A word-level `tokenizer.json` whose vocabulary is the ids 0..96 spelled as "t0", "t1", ….
-fn write_tiny_tokenizer(dir: &Path) {
+pub(crate) fn write_tiny_tokenizer(dir: &Path) {
     let vocab: serde_json::Map<String, serde_json::Value> =
         (0..96).map(|i| (format!("t{i}"), i.into())).collect();
     let json = serde_json::json!({
@@ -216,7 +216,7 @@ fn tiny_dir(label: &str, tied: bool) -> (TempDir, Vec<Entry>) {
 }
 
 /// The weights as a [`WeightSource`] without any file, to build the reference model.
-struct InMemory(Vec<Entry>);
+pub(crate) struct InMemory(pub(crate) Vec<Entry>);
 
 impl WeightSource for InMemory {
     fn tensor(&self, t: LlamaTensor, _spec: &ModelSpec) -> Result<Option<Vec<f32>>, KvqError> {
@@ -233,7 +233,7 @@ impl WeightSource for InMemory {
 }
 
 /// Attention on the CPU reference over an f32 cache, for running the forward pass here.
-struct CpuF32Backend;
+pub(crate) struct CpuF32Backend;
 
 impl AttentionBackend for CpuF32Backend {
     fn name(&self) -> &'static str {
@@ -666,7 +666,7 @@ fn smollm2_exported_to_hf_dir_gives_the_gguf_logits() {
     let Some(gguf) = crate::testing::default_model() else {
         return;
     };
-    let (gguf_spec, gguf_model, tensors) = load_gguf_llama(&gguf).unwrap();
+    let (gguf_spec, _quantized, tensors) = load_gguf_llama(&gguf).unwrap();
     let gguf_tok = Tokenizer::from_gguf(tensors.gguf(), &gguf.display().to_string()).unwrap();
 
     let dir = TempDir::new("smollm2");
@@ -723,7 +723,19 @@ fn smollm2_exported_to_hf_dir_gives_the_gguf_logits() {
     assert_eq!(tokens, gguf_tok.encode(prompt, false).unwrap());
     assert!(tokens.len() > 8);
 
-    let (a, b) = (logits(&gguf_model, &tokens), logits(&model, &tokens));
+    // The exported weights are the GGUF's dequantized to f32, so compare with the GGUF read
+    // through the f32 path (the default `linear`), not its quantized matmuls.
+    struct F32Only<'a>(&'a crate::loader::GgufTensors);
+    impl WeightSource for F32Only<'_> {
+        fn tensor(&self, t: LlamaTensor, spec: &ModelSpec) -> Result<Option<Vec<f32>>, KvqError> {
+            self.0.tensor(t, spec)
+        }
+        fn origin(&self) -> &str {
+            WeightSource::origin(self.0)
+        }
+    }
+    let gguf_f32 = load_llama(&F32Only(&tensors), &gguf_spec).unwrap();
+    let (a, b) = (logits(&gguf_f32, &tokens), logits(&model, &tokens));
     assert_eq!(a.len(), tokens.len() * spec.vocab_size);
     let diff = max_abs_diff(&a, &b);
     assert!(diff < 1e-4, "max |logit difference| {diff}");

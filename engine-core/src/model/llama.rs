@@ -5,8 +5,8 @@ use crate::backend::AttentionBackend;
 use crate::cache::{BlockTable, PagedKvCache};
 use crate::error::KvqError;
 use crate::model_spec::ModelSpec;
-use crate::ops::linear::Linear;
-use crate::ops::norm::{rms_norm, rms_norm_to};
+use crate::ops::linear::{Linear, Path};
+use crate::ops::norm::rms_norm;
 use crate::ops::rope::Rope;
 use crate::ops::{add_assign, silu_mul};
 
@@ -24,15 +24,15 @@ pub struct LlamaLayer {
     pub w_down: Linear,
 }
 
-/// A Llama-family model in f32.
+/// A Llama-family model: f32 activations, matrices in f32 or in the file's block format.
 #[derive(Debug, Clone)]
 pub struct LlamaModel {
     pub spec: ModelSpec,
-    /// `[vocab, hidden]`; `None` when tied to the output head.
-    embed: Option<Vec<f32>>,
+    /// `[vocab, hidden]`; also the output head when `lm_head` is `None` (tied).
+    embed: Linear,
     layers: Vec<LlamaLayer>,
     final_norm: Vec<f32>,
-    lm_head: Linear,
+    lm_head: Option<Linear>,
     rope: Rope,
 }
 
@@ -57,6 +57,8 @@ pub enum LogitsFor {
 }
 
 impl LlamaModel {
+    /// A model with an f32 embedding table (`[vocab, hidden]`); `lm_head` `None` ties the
+    /// output head to it.
     pub fn new(
         spec: ModelSpec,
         embed: Vec<f32>,
@@ -64,15 +66,30 @@ impl LlamaModel {
         final_norm: Vec<f32>,
         lm_head: Option<Linear>,
     ) -> Self {
+        let embed = Linear::new(embed, spec.vocab_size, spec.hidden_size);
+        Self::from_linears(spec, embed, layers, final_norm, lm_head)
+    }
+
+    /// Like [`LlamaModel::new`] with the embedding table in any [`Linear`] format (a
+    /// quantized one is dequantized a row per lookup and, when tied, used quantized as the
+    /// output head).
+    pub fn from_linears(
+        spec: ModelSpec,
+        embed: Linear,
+        layers: Vec<LlamaLayer>,
+        final_norm: Vec<f32>,
+        lm_head: Option<Linear>,
+    ) -> Self {
+        assert_eq!(
+            (embed.out_dim, embed.in_dim),
+            (spec.vocab_size, spec.hidden_size),
+            "embedding shape"
+        );
         let rope = Rope::new(
             spec.head_dim_k,
             spec.rope_theta,
             spec.max_position_embeddings.max(1),
         );
-        let (embed, lm_head) = match lm_head {
-            Some(head) => (Some(embed), head),
-            None => (None, Linear::new(embed, spec.vocab_size, spec.hidden_size)),
-        };
         Self {
             spec,
             embed,
@@ -83,10 +100,18 @@ impl LlamaModel {
         }
     }
 
-    fn embedding(&self, token: u32) -> &[f32] {
-        let h = self.spec.hidden_size;
-        let table = self.embed.as_deref().unwrap_or(&self.lm_head.weight);
-        &table[token as usize * h..][..h]
+    /// The output head (the embedding table when tied).
+    pub fn lm_head(&self) -> &Linear {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// The embedding table.
+    pub fn embeddings(&self) -> &Linear {
+        &self.embed
+    }
+
+    pub fn layers(&self) -> &[LlamaLayer] {
+        &self.layers
     }
 
     /// Runs the model on `seqs`, writing their K/V into `cache` and returning logits
@@ -98,13 +123,46 @@ impl LlamaModel {
         seqs: &[SeqInput<'_>],
         which: LogitsFor,
     ) -> Result<Vec<f32>, KvqError> {
+        self.forward_with(backend, cache, seqs, which, Path::Auto, Path::Auto)
+    }
+
+    /// Like [`LlamaModel::forward`] with the product path of the layers' matrices and of the
+    /// output head chosen (quantized weights only). The scheduler fixes them so that a row's
+    /// result does not depend on how many other rows share the call.
+    pub fn forward_with(
+        &self,
+        backend: &dyn AttentionBackend,
+        cache: &mut PagedKvCache,
+        seqs: &[SeqInput<'_>],
+        which: LogitsFor,
+        layers: Path,
+        head: Path,
+    ) -> Result<Vec<f32>, KvqError> {
+        let paths = (layers, head);
+        if rayon::current_thread_index().is_some() {
+            return self.forward_in_pool(backend, cache, seqs, which, paths);
+        }
+        // Run the whole pass on a pool thread: the hundreds of parallel kernels of one step
+        // then fork and join inside the pool, instead of each one waking the pool from outside
+        // and putting this thread to sleep until it is done.
+        rayon::scope(|_| self.forward_in_pool(backend, cache, seqs, which, paths))
+    }
+
+    fn forward_in_pool(
+        &self,
+        backend: &dyn AttentionBackend,
+        cache: &mut PagedKvCache,
+        seqs: &[SeqInput<'_>],
+        which: LogitsFor,
+        (path, head): (Path, Path),
+    ) -> Result<Vec<f32>, KvqError> {
         let s = &self.spec;
         let (hd, heads, kvh) = (s.hidden_size, s.num_heads, s.num_kv_heads);
         let (dk, dv) = (s.head_dim_k, s.head_dim_v);
         let block_size = cache.block_size();
         let mut positions = Vec::new();
         let mut slots = Vec::new();
-        let mut x = Vec::new();
+        let mut tokens = Vec::new();
         let mut slices = Vec::with_capacity(seqs.len());
         for seq in seqs {
             let end = seq.start_pos + seq.tokens.len();
@@ -136,7 +194,7 @@ impl LlamaModel {
                 let pos = seq.start_pos + i;
                 positions.push(pos);
                 slots.push(seq.block_table.slot(pos, block_size));
-                x.extend_from_slice(self.embedding(t));
+                tokens.push(t);
             }
         }
         let rows = positions.len();
@@ -145,23 +203,48 @@ impl LlamaModel {
             num_heads: heads,
             scale: 1.0 / (dk as f32).sqrt(),
         };
+        let mut x = vec![0f32; rows * hd];
+        for (xr, &t) in x.chunks_exact_mut(hd).zip(&tokens) {
+            self.embed.row_into(t as usize, xr);
+        }
+        // Every activation buffer once per call, reused by all layers.
+        let ff = s.intermediate_size;
+        let mut h = vec![0f32; rows * hd];
+        let mut q = vec![0f32; rows * heads * dk];
+        let mut k = vec![0f32; rows * kvh * dk];
+        let mut v = vec![0f32; rows * kvh * dv];
         let mut attn = vec![0f32; rows * heads * dv];
+        let mut o = vec![0f32; rows * hd];
+        let mut gate = vec![0f32; rows * ff];
+        let mut up = vec![0f32; rows * ff];
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm_to(&x, &layer.attn_norm, s.rms_norm_eps);
-            let mut q = layer.wq.forward(&h);
-            let mut k = layer.wk.forward(&h);
-            let v = layer.wv.forward(&h);
+            h.copy_from_slice(&x);
+            rms_norm(&mut h, &layer.attn_norm, s.rms_norm_eps);
+            Linear::forward_many(
+                &[&layer.wq, &layer.wk, &layer.wv],
+                &h,
+                &mut [&mut q, &mut k, &mut v],
+                path,
+            );
             for (r, &pos) in positions.iter().enumerate() {
                 self.rope.apply(&mut q[r * heads * dk..][..heads * dk], pos);
                 self.rope.apply(&mut k[r * kvh * dk..][..kvh * dk], pos);
             }
             backend.write_kv(cache, l, &k, &v, &slots)?;
             backend.attend(cache, l, &q, &batch, &mut attn)?;
-            add_assign(&mut x, &layer.wo.forward(&attn));
-            let h = rms_norm_to(&x, &layer.ffn_norm, s.rms_norm_eps);
-            let mut gate = layer.w_gate.forward(&h);
-            silu_mul(&mut gate, &layer.w_up.forward(&h));
-            add_assign(&mut x, &layer.w_down.forward(&gate));
+            layer.wo.forward_into_with(&attn, &mut o, path);
+            add_assign(&mut x, &o);
+            h.copy_from_slice(&x);
+            rms_norm(&mut h, &layer.ffn_norm, s.rms_norm_eps);
+            Linear::forward_many(
+                &[&layer.w_gate, &layer.w_up],
+                &h,
+                &mut [&mut gate, &mut up],
+                path,
+            );
+            silu_mul(&mut gate, &up);
+            layer.w_down.forward_into_with(&gate, &mut o, path);
+            add_assign(&mut x, &o);
         }
         let mut last = match which {
             LogitsFor::AllTokens => x,
@@ -172,6 +255,9 @@ impl LlamaModel {
                 .collect(),
         };
         rms_norm(&mut last, &self.final_norm, s.rms_norm_eps);
-        Ok(self.lm_head.forward(&last))
+        let out_head = self.lm_head();
+        let mut logits = vec![0f32; last.len() / hd * out_head.out_dim];
+        out_head.forward_into_with(&last, &mut logits, head);
+        Ok(logits)
     }
 }

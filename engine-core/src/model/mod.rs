@@ -7,7 +7,7 @@ mod safetensors;
 mod weights;
 
 #[cfg(test)]
-mod hf_dir_tests;
+pub(crate) mod hf_dir_tests;
 
 pub use self::safetensors::{hf_tensor_name, SafetensorsWeights, SAFETENSORS_INDEX};
 pub use llama::{LlamaLayer, LlamaModel, LogitsFor, SeqInput};

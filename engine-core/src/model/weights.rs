@@ -1,5 +1,6 @@
 //! Reading Llama weights from a GGUF file (or, through [`WeightSource`], any other container)
-//! into the model's f32 tensors.
+//! into the model's tensors: f32 norms, and matrices in f32 or kept in the file's ggml block
+//! format.
 
 use std::path::Path;
 
@@ -7,6 +8,7 @@ use super::llama::{LlamaLayer, LlamaModel};
 use crate::error::KvqError;
 use crate::loader::GgufTensors;
 use crate::model_spec::ModelSpec;
+use crate::ops::linear::quant::QuantFormat;
 use crate::ops::linear::Linear;
 
 /// Logical Llama tensors, independent of a file format's naming.
@@ -33,6 +35,33 @@ pub trait WeightSource {
     fn tensor(&self, t: LlamaTensor, spec: &ModelSpec) -> Result<Option<Vec<f32>>, KvqError>;
     /// Names the file in errors.
     fn origin(&self) -> &str;
+
+    /// The tensor as a `[out_dim, in_dim]` matrix for the matmuls (same row order as
+    /// [`WeightSource::tensor`]); `Ok(None)` when the file does not have it. The default builds
+    /// an f32 [`Linear`] from [`WeightSource::tensor`]; a source whose weights are quantized
+    /// overrides it to keep them quantized.
+    fn linear(
+        &self,
+        t: LlamaTensor,
+        spec: &ModelSpec,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<Option<Linear>, KvqError> {
+        let Some(w) = self.tensor(t, spec)? else {
+            return Ok(None);
+        };
+        if w.len() != out_dim * in_dim {
+            return Err(KvqError::Model {
+                path: self.origin().to_string(),
+                reason: format!(
+                    "tensor {t:?} has {} elements, expected {}",
+                    w.len(),
+                    out_dim * in_dim
+                ),
+            });
+        }
+        Ok(Some(Linear::new(w, out_dim, in_dim)))
+    }
 }
 
 impl LlamaTensor {
@@ -91,15 +120,91 @@ impl WeightSource for GgufTensors {
     fn origin(&self) -> &str {
         GgufTensors::origin(self)
     }
+
+    /// Q4_0, Q4_1 and Q8_0 matrices stay in their block format (Q/K rows un-permuted whole);
+    /// other types are dequantized.
+    fn linear(
+        &self,
+        t: LlamaTensor,
+        spec: &ModelSpec,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<Option<Linear>, KvqError> {
+        let name = t.gguf_name();
+        if !self.contains(&name) {
+            return Ok(None);
+        }
+        let raw = self.raw(&name)?;
+        if QuantFormat::from_ggml(raw.ggml_type).is_none() {
+            let w = self.tensor(t, spec)?.expect("checked above");
+            if w.len() != out_dim * in_dim {
+                return Err(KvqError::Model {
+                    path: self.origin().to_string(),
+                    reason: format!(
+                        "tensor `{name}` has {} elements, expected [{out_dim}, {in_dim}]",
+                        w.len()
+                    ),
+                });
+            }
+            return Ok(Some(Linear::new(w, out_dim, in_dim)));
+        }
+        if raw.dims != [in_dim as u64, out_dim as u64] {
+            return Err(KvqError::Model {
+                path: self.origin().to_string(),
+                reason: format!(
+                    "tensor `{name}` has dimensions {:?}, expected [{in_dim}, {out_dim}]",
+                    raw.dims
+                ),
+            });
+        }
+        let heads = match t {
+            LlamaTensor::Q(_) => Some(spec.num_heads),
+            LlamaTensor::K(_) => Some(spec.num_kv_heads),
+            _ => None,
+        };
+        let permuted;
+        let data = match heads {
+            Some(h) => {
+                permuted = unpermute_row_bytes(raw.data, h, spec.head_dim_k, out_dim);
+                &permuted[..]
+            }
+            None => raw.data,
+        };
+        Linear::quantized(raw.ggml_type, data, out_dim, in_dim)
+            .map(Some)
+            .map_err(|e| KvqError::Model {
+                path: self.origin().to_string(),
+                reason: format!("tensor `{name}`: {e}"),
+            })
+    }
+}
+
+/// [`unpermute_rows`] on rows of any encoding: `data` holds `rows` equal-sized rows, moved
+/// whole (a quantized row's blocks stay together).
+fn unpermute_row_bytes(data: &[u8], heads: usize, head_dim: usize, rows: usize) -> Vec<u8> {
+    let rb = data.len() / rows;
+    let mut out = vec![0u8; data.len()];
+    let half = head_dim / 2;
+    for h in 0..heads {
+        for p in 0..half {
+            for s in 0..2 {
+                let src = (h * head_dim + 2 * p + s) * rb;
+                let dst = (h * head_dim + s * half + p) * rb;
+                out[dst..dst + rb].copy_from_slice(&data[src..src + rb]);
+            }
+        }
+    }
+    out
 }
 
 /// Builds the model from any weight source, checking every shape.
 pub fn load_llama(src: &dyn WeightSource, spec: &ModelSpec) -> Result<LlamaModel, KvqError> {
+    let missing = |t: LlamaTensor| KvqError::Model {
+        path: src.origin().to_string(),
+        reason: format!("tensor {t:?} is missing"),
+    };
     let get = |t: LlamaTensor, len: usize| -> Result<Vec<f32>, KvqError> {
-        let w = src.tensor(t, spec)?.ok_or_else(|| KvqError::Model {
-            path: src.origin().to_string(),
-            reason: format!("tensor {t:?} is missing"),
-        })?;
+        let w = src.tensor(t, spec)?.ok_or_else(|| missing(t))?;
         if w.len() != len {
             return Err(KvqError::Model {
                 path: src.origin().to_string(),
@@ -108,13 +213,25 @@ pub fn load_llama(src: &dyn WeightSource, spec: &ModelSpec) -> Result<LlamaModel
         }
         Ok(w)
     };
+    let lin = |t: LlamaTensor, out: usize, inp: usize| -> Result<Linear, KvqError> {
+        let l = src.linear(t, spec, out, inp)?.ok_or_else(|| missing(t))?;
+        if (l.out_dim, l.in_dim) != (out, inp) {
+            return Err(KvqError::Model {
+                path: src.origin().to_string(),
+                reason: format!(
+                    "tensor {t:?} is [{}, {}], expected [{out}, {inp}]",
+                    l.out_dim, l.in_dim
+                ),
+            });
+        }
+        Ok(l)
+    };
     let (h, ff) = (spec.hidden_size, spec.intermediate_size);
     let (qd, kd, vd) = (
         spec.num_heads * spec.head_dim_k,
         spec.num_kv_heads * spec.head_dim_k,
         spec.num_kv_heads * spec.head_dim_v,
     );
-    let lin = |t, out, inp| get(t, out * inp).map(|w| Linear::new(w, out, inp));
     let mut layers = Vec::with_capacity(spec.num_layers);
     for l in 0..spec.num_layers {
         layers.push(LlamaLayer {
@@ -129,22 +246,24 @@ pub fn load_llama(src: &dyn WeightSource, spec: &ModelSpec) -> Result<LlamaModel
             w_down: lin(LlamaTensor::Down(l), h, ff)?,
         });
     }
-    let embed = get(LlamaTensor::Embed, spec.vocab_size * h)?;
-    let lm_head = match src.tensor(LlamaTensor::LmHead, spec)? {
-        Some(w) if w.len() == spec.vocab_size * h => Some(Linear::new(w, spec.vocab_size, h)),
+    // The embedding table stays in the file's format too (lookups dequantize one row); when
+    // the head is tied it is also the output matrix.
+    let embed = lin(LlamaTensor::Embed, spec.vocab_size, h)?;
+    let lm_head = match src.linear(LlamaTensor::LmHead, spec, spec.vocab_size, h)? {
+        Some(w) if (w.out_dim, w.in_dim) == (spec.vocab_size, h) => Some(w),
         Some(w) => {
             return Err(KvqError::Model {
                 path: src.origin().to_string(),
                 reason: format!(
                     "output head has {} elements, expected {}",
-                    w.len(),
+                    w.out_dim * w.in_dim,
                     spec.vocab_size * h
                 ),
             })
         }
         None => None,
     };
-    Ok(LlamaModel::new(
+    Ok(LlamaModel::from_linears(
         spec.clone(),
         embed,
         layers,

@@ -4,6 +4,21 @@ pub mod hadamard;
 pub mod linear;
 pub mod norm;
 pub mod rope;
+pub mod simd;
+
+/// Threads the CPU kernels use: rayon's global pool, sized by `RAYON_NUM_THREADS` or else one
+/// per core (or by [`init_threads`]).
+pub fn num_threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// Sizes the global pool to `n` threads; only possible before the first parallel call.
+pub fn init_threads(n: usize) -> Result<(), crate::KvqError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| crate::KvqError::InvalidArgument(format!("thread pool: {e}")))
+}
 
 /// `gate ← silu(gate) · up`, SwiGLU's element-wise part.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
