@@ -121,7 +121,13 @@ pub fn decode_attention(
             tokens_per_split: 0,
         });
     }
-    let plan = plan_splits(gpu.sm_count(), n, kv_heads, batch.max_context.max(1));
+    let plan = plan_splits(
+        gpu.sm_count(),
+        spec.decode_tuning().ctas_per_sm,
+        n,
+        kv_heads,
+        batch.max_context.max(1),
+    );
     ensure(gpu, &mut ws.part_o, n * h * plan.splits * dv)?;
     ensure(gpu, &mut ws.part_ml, n * h * plan.splits * 2)?;
     let (part_o, part_ml) = (

@@ -120,6 +120,15 @@ impl KernelKind {
     }
 }
 
+/// Launch shape of the decode kernel for one specialisation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeTuning {
+    /// Resident CTAs per multiprocessor (`KVQ_CTAS`, the `__launch_bounds__` minimum).
+    pub ctas_per_sm: usize,
+    /// 16-token tiles per pipeline step (`KVQ_TPI`).
+    pub tiles_per_step: usize,
+}
+
 /// Largest GQA group the decode kernel takes (two tiles of four heads).
 pub const MAX_GROUP: usize = 8;
 /// Head dims the decode kernel is built for.
@@ -159,7 +168,30 @@ impl Specialization {
             format!("-DKVQ_DV={}", self.head_dim_v),
             format!("-DKVQ_G={group}"),
         ];
+        if kind == KernelKind::Decode {
+            let t = self.decode_tuning();
+            src.options.push(format!("-DKVQ_CTAS={}", t.ctas_per_sm));
+            src.options.push(format!("-DKVQ_TPI={}", t.tiles_per_step));
+        }
         src
+    }
+
+    /// Occupancy and pipeline depth of the decode kernel: as many resident CTAs as the
+    /// registers of two in-flight steps allow without spilling (`ptxas -v`, sm_90), and the
+    /// step length that measured fastest on an H200 (kernels/README.md).
+    pub fn decode_tuning(&self) -> DecodeTuning {
+        let wide = self.head_dim_k >= 128;
+        let (ctas_per_sm, tiles_per_step) = match self.codec {
+            GpuCodec::Float => (2, if wide { 1 } else { 2 }),
+            GpuCodec::PtInt8 | GpuCodec::TmInt8 => (if wide { 2 } else { 3 }, 2),
+            GpuCodec::PtInt4 | GpuCodec::TmInt4 | GpuCodec::TurboQuant => {
+                (4, if wide { 1 } else { 2 })
+            }
+        };
+        DecodeTuning {
+            ctas_per_sm,
+            tiles_per_step,
+        }
     }
 
     /// Checks what the store kernel needs.
@@ -341,8 +373,6 @@ pub fn compile_check_set() -> Vec<Specialization> {
     v
 }
 
-/// Resident CTAs per multiprocessor the decode kernel is built for (`__launch_bounds__`).
-const CTAS_PER_SM: usize = 2;
 /// Fewest tokens a split gets: enough work per CTA to amortise its set-up and merge.
 const MIN_SPLIT_TOKENS: usize = 512;
 
@@ -353,17 +383,19 @@ pub struct DecodePlan {
     pub tokens_per_split: usize,
 }
 
-/// Chooses the split-K grid: enough CTAs for about four waves of the GPU, every split a
-/// multiple of 16 tokens and at least [`MIN_SPLIT_TOKENS`] long.
+/// Chooses the split-K grid: enough CTAs for about four waves of the GPU (`ctas_per_sm`
+/// resident per multiprocessor), every split a multiple of 16 tokens and at least
+/// [`MIN_SPLIT_TOKENS`] long.
 pub fn plan_splits(
     sm_count: usize,
+    ctas_per_sm: usize,
     batch: usize,
     kv_heads: usize,
     max_context: usize,
 ) -> DecodePlan {
     let base = (batch * kv_heads).max(1);
     // About four waves of resident CTAs: small per-CTA work hides the tail of the last wave.
-    let target = 4 * CTAS_PER_SM * sm_count.max(1);
+    let target = 4 * ctas_per_sm.max(1) * sm_count.max(1);
     let most = max_context.div_ceil(MIN_SPLIT_TOKENS).max(1);
     let splits = target.div_ceil(base).clamp(1, most);
     let tokens_per_split = max_context.div_ceil(splits).div_ceil(16).max(1) * 16;
@@ -419,6 +451,28 @@ mod tests {
     }
 
     #[test]
+    fn decode_source_carries_its_tuning() {
+        for codec in GpuCodec::ALL {
+            for dk in DECODE_HEAD_DIMS {
+                let spec = Specialization {
+                    codec,
+                    dtype: KvDtype::F16,
+                    head_dim_k: dk,
+                    head_dim_v: dk,
+                    group: 4,
+                };
+                let t = spec.decode_tuning();
+                assert!((1..=4).contains(&t.ctas_per_sm) && (1..=4).contains(&t.tiles_per_step));
+                let opts = spec.source(KernelKind::Decode).options;
+                assert!(opts.contains(&format!("-DKVQ_CTAS={}", t.ctas_per_sm)));
+                assert!(opts.contains(&format!("-DKVQ_TPI={}", t.tiles_per_step)));
+                let store = spec.source(KernelKind::Store).options;
+                assert!(!store.iter().any(|o| o.starts_with("-DKVQ_CTAS")));
+            }
+        }
+    }
+
+    #[test]
     fn splits_cover_the_context_in_16_token_steps() {
         for (b, h, ctx) in [
             (32, 8, 32768),
@@ -427,12 +481,12 @@ mod tests {
             (3, 2, 17),
             (1, 1, 1),
         ] {
-            let p = plan_splits(132, b, h, ctx);
+            let p = plan_splits(132, 2, b, h, ctx);
             assert_eq!(p.tokens_per_split % 16, 0);
             assert!(p.splits * p.tokens_per_split >= ctx);
             assert!((p.splits - 1) * p.tokens_per_split < ctx, "{p:?}");
         }
         // Batch 1 at long context spreads over the whole GPU.
-        assert!(plan_splits(132, 1, 8, 32768).splits * 8 >= 2 * 132);
+        assert!(plan_splits(132, 2, 1, 8, 32768).splits * 8 >= 2 * 132);
     }
 }

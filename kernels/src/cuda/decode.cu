@@ -6,26 +6,30 @@
 //   kvq_decode_reduce merges the splits, normalizes and, for TurboQuant, rotates the output
 //                     back to the model domain.
 //
-// Exactness: tensor-core operands are f16 (bf16 for a bf16 policy-0 cache). Quantized codes are
-// small integers, exact in f16; the query, the probabilities and the TurboQuant centroids are
-// split into a high and a scaled low part (two B columns or two A tiles), so every product is
-// carried to ~22 bits and accumulated in f32. Per-token scales and zero points are applied in
-// f32 outside the products:
+// Precision: as in every production decode kernel, the tensor-core operands are single f16
+// values (bf16 for a bf16 policy-0 cache) and the products accumulate in f32. Quantized codes
+// enter centred (c - 128, c - 8) and are exact in f16; the query (scaled per head by a power of
+// two into f16's range) and the probabilities are rounded to f16 once; the TurboQuant centroids
+// are f16 constants. Per-token scales and zero points are applied in f32 outside the products:
 //   PyTorch int:  q.k = scale (q.c - zero sum(q))      p.v = sum(p scale c) - sum(p scale zero)
 //   TurboMind:    q.k = scale q.c + min sum(q)          p.v = sum(p scale c) + sum(p min)
 //   TurboQuant:   q.k = n (sigma q.C3[i] + g q.sign)     p.v = sigma sum(p n C2[i])
+// The online softmax runs relative to the running maximum of score + log2 |V scale| (not of the
+// score alone), so the V weights p * scale that enter the f16 products are at most 1 whatever
+// the scales' range; the probabilities and the normaliser stay in f32.
 //
 // Fragment layouts are those of mma.m16n8k16 (A row-major 16x16, B 16x8, C 16x8; lane = 4 group
 // + thread-in-group). The head dim and the token order inside a product are free as long as A
 // and B agree, so each lane reads contiguous 16-byte pieces of a row and the q fragments are
-// built with the same permutation.
-//   K side: S[16 tokens x 8 cols] = K[16 tokens x D] . Qᵀ, cols = 4 heads x (hi, lo)
-//   V side: Oᵀ[16 dims x 8 cols] += Vᵀ[16 dims x 16 tokens] . Pᵀ, cols = 4 heads x (hi, lo)
+// built with the same permutation. The 8 columns are the 8 query heads of a GQA group (fewer
+// heads leave columns unused).
+//   K side: S[16 tokens x 8 heads] = K[16 tokens x D] . Qᵀ
+//   V side: Oᵀ[16 dims x 8 heads] += Vᵀ[16 dims x 16 tokens] . Pᵀ
+// A lane holds the scores and outputs of heads 2 tig and 2 tig + 1.
 
 #ifndef KVQ_G
 #define KVQ_G 4
 #endif
-#define NT ((KVQ_G + 3) / 4)
 #define DEC_WARPS 4
 
 #if KVQ_CODEC == CODEC_FLOAT
@@ -46,15 +50,14 @@
 #define PPW 4
 #endif
 
-// Tiles per loop step; two steps are in registers at a time (software pipeline).
+// Tiles per loop step (KVQ_TPI, 16 tokens each) and resident CTAs per multiprocessor
+// (KVQ_CTAS, the `__launch_bounds__` minimum): set by the launcher (spec.rs, `decode_tuning`);
+// two steps are in registers at a time (software pipeline).
 #ifndef KVQ_TPI
-#if KVQ_CODEC == CODEC_FLOAT
-#define KVQ_TPI (KVQ_DK >= 128 ? 1 : 2)
-#elif KVQ_CODEC == CODEC_PT_INT8 || KVQ_CODEC == CODEC_TM_INT8
-#define KVQ_TPI (KVQ_DK >= 128 ? 1 : 2)
-#else
-#define KVQ_TPI (KVQ_DK >= 128 ? 2 : 4)
+#define KVQ_TPI 1
 #endif
+#ifndef KVQ_CTAS
+#define KVQ_CTAS 2
 #endif
 
 #define KB (KVQ_DK * KBITS / 32)  // bytes of a K row per lane (4 lanes share a row)
@@ -68,12 +71,9 @@
 
 #if KVQ_CODEC == CODEC_FLOAT && KVQ_DTYPE == 1
 #define MMA_BF16 1
-#define LO_SCALE 256.0f
 #else
 #define MMA_BF16 0
-#define LO_SCALE 2048.0f
 #endif
-#define INV_LO (1.0f / LO_SCALE)
 
 // ---- operand helpers ----
 __device__ __forceinline__ u16 op_bits(float x) {
@@ -90,12 +90,21 @@ __device__ __forceinline__ float op_val(u16 h) {
     return f16_to_f32(h);
 #endif
 }
-// x ~ hi + lo / LO_SCALE
-__device__ __forceinline__ void split_hl(float x, u16& hi, u16& lo) {
-    hi = op_bits(x);
-    lo = op_bits((x - op_val(hi)) * LO_SCALE);
-}
 __device__ __forceinline__ u32 pack2(u16 lo, u16 hi) { return (u32)lo | ((u32)hi << 16); }
+// Two f32 as one operand register {lo, hi}, rounded to nearest.
+__device__ __forceinline__ u32 op_pack(float lo, float hi) {
+#if __CUDA_ARCH__ >= 800
+    u32 r;
+#if MMA_BF16
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+#else
+    return pack2(op_bits(lo), op_bits(hi));
+#endif
+}
 
 __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
 #if MMA_BF16
@@ -122,22 +131,9 @@ __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a
 #endif
 }
 
-// c += A.B computed into a zeroed accumulator and added in f32: the tensor cores' f32
-// accumulation truncates, which over a long chain of products biases the sums; one product's
-// worth of truncation is far below f32 accumulation noise.
-// `f` is an exact power of two that undoes a scaling of the B operand.
-__device__ __forceinline__ void mma_add(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1, float f) {
-    float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    mma16816(t, a0, a1, a2, a3, b0, b1);
-    c[0] = fmaf(t[0], f, c[0]);
-    c[1] = fmaf(t[1], f, c[1]);
-    c[2] = fmaf(t[2], f, c[2]);
-    c[3] = fmaf(t[3], f, c[3]);
-}
-
-// Integer codes enter the products centred, c - CODE_OFF (exact in f16), so the sums carry
-// no large common offset that the zero point would cancel afterwards. Conversions use the
-// f16 bit pattern 0x6400 | c = 1024 + c.
+// V side: integer codes enter the products centred, c - CODE_OFF (exact in f16): the output
+// accumulates over a whole split, and a large common offset there would cost precision when the
+// zero point cancels it afterwards. Conversions use the f16 bit pattern 0x6400 | c = 1024 + c.
 #if KBITS == 8
 #define CODE_OFF 128
 #else
@@ -174,6 +170,12 @@ __device__ __forceinline__ u32 nib_hi(u32 x) {
 __device__ __forceinline__ u32 bytes_to_h2(u32 x, u32 sel) {
     return hsub2(__byte_perm(x, 0x64646464u, sel), MAGIC + CODE_OFF * 0x10001u);
 }
+// K side: one instruction per two codes, offset kept: {1024 + c} (low nibbles, bytes) or
+// {1024 + 16 c} (high nibbles, whose query slots carry q / 16). Each tile's scores are a fresh
+// accumulator chain, so the offset's share, K_OFF = sum over slots of q * (1024 or 64), is
+// removed in f32 per tile (sum q . offset is a constant of the head).
+#define K_OFF_LO 1024.0f
+#define K_OFF_HI 64.0f
 
 template <int P>
 __device__ __forceinline__ void load_piece(const u8* src, u32* dst) {
@@ -204,6 +206,7 @@ __device__ __forceinline__ void k_pair_dims(int tig, int p, int& d0, int& d1) {
     const int wi = p / PPW, j = p % PPW, off = k_word_off(tig, wi);
 #if KVQ_CODEC == CODEC_FLOAT
     d0 = off / 2; d1 = d0 + 1;
+    (void)j;
 #elif KVQ_CODEC == CODEC_PT_INT8 || KVQ_CODEC == CODEC_TM_INT8
     d0 = off + j; d1 = d0 + 2;
 #elif KVQ_CODEC == CODEC_PT_INT4
@@ -230,9 +233,8 @@ __device__ __forceinline__ int v_row_dim(int g, int m) {
     const int sub = mt & 3;
     return 2 * v_word_off(g, mt >> 2) + ((sub & 1) ? 4 : 0) + ((sub & 2) ? 1 : 0) + 2 * r;
 #else
-    const int jb = mt >> 1;
-    const int byte = v_word_off(g, jb >> 2) + (jb & 3);
-    return byte + (2 * (mt & 1) + r) * (KVQ_DV / 4);
+    // m-tile mt: field mt % 4 (bits 2f, 2f+1: dim byte + f D/4) of bytes 2 (mt / 4) + r
+    return v_word_off(g, 0) + 2 * (mt >> 2) + r + (mt & 3) * (KVQ_DV / 4);
 #endif
 }
 
@@ -241,55 +243,71 @@ __device__ __forceinline__ u32 k_a(const u32* w, int p) {
     const int wi = p / PPW, j = p % PPW;
     const u32 x = w[wi];
 #if KVQ_CODEC == CODEC_FLOAT
+    (void)j;
     return x;
 #elif KVQ_CODEC == CODEC_PT_INT8 || KVQ_CODEC == CODEC_TM_INT8
-    return bytes_to_h2(x, j ? 0x4341u : 0x4240u);  // j: 0 -> (e0, e2), 1 -> (e1, e3)
+    return __byte_perm(x, 0x64646464u, j ? 0x4341u : 0x4240u);  // j: 0 -> (e0, e2), 1 -> (e1, e3)
 #elif KVQ_CODEC == CODEC_PT_INT4 || KVQ_CODEC == CODEC_TM_INT4
     // nibbles (j, j+4) of the word: PyTorch j = 0 (b0.lo, b2.lo), 1 (b0.hi, b2.hi), 2 (b1.lo,
     // b3.lo), 3 (b1.hi, b3.hi); TurboMind slots (j, j+4) = elements (2j, 2j+1)
     const u32 y = (j & 2) ? (x >> 8) : x;
-    return (j & 1) ? nib_hi(y) : nib_lo(y);
+    return (j & 1) ? and_or_magic<0x00F000F0u>(y) : and_or_magic<0x000F000Fu>(y);
 #else
-    return 0u;  // TurboQuant uses tq_k_* below
+    (void)x; (void)j;
+    return 0u;  // TurboQuant uses tq_k_word below
+#endif
+}
+
+// Query scaling and offset of K pair p's slots: high-nibble pairs (odd p of a 4-bit codec) hold
+// 1024 + 16 c, so their query is q / 16 and their offset 64 q.
+__device__ __forceinline__ bool k_pair_hi(int p) {
+#if KVQ_CODEC == CODEC_PT_INT4 || KVQ_CODEC == CODEC_TM_INT4
+    return (p & 1) != 0;
+#else
+    (void)p;
+    return false;
 #endif
 }
 
 #if KVQ_CODEC == CODEC_TQ
-// Tables of f16 bytes: t[0], t[1] = low bytes of entries 0-3, 4-7; t[2], t[3] = high bytes.
+// 8-entry f16 table as byte planes: lo[0], lo[1] = low bytes of entries 0-3, 4-7; hi likewise.
 struct Lut8 {
-    u32 t[4];
+    u32 lo0, lo1, hi0, hi1;
 };
-__device__ __forceinline__ u32 lut8_pair(const Lut8& L, u32 sel, int second) {
-    const u32 lo = __byte_perm(L.t[0], L.t[1], sel), hi = __byte_perm(L.t[2], L.t[3], sel);
-    return __byte_perm(lo, hi, second ? 0x7362 : 0x5140);
+// The 8 K elements of word x (pair j = byte j: low nibble -> low half, high nibble -> high half)
+// as centroid pairs c[j] and residual-sign pairs s[j] (+-1; bit 3 of a nibble set = positive).
+// Four elements per table lookup: the nibbles' low 3 bits are prmt selectors.
+__device__ __forceinline__ void tq_k_word(u32 x, const Lut8& L, u32* c, u32* s) {
+    const u32 sa = x & 0x7777u, sb = (x >> 16) & 0x7777u;
+    const u32 la = __byte_perm(L.lo0, L.lo1, sa), ha = __byte_perm(L.hi0, L.hi1, sa);
+    const u32 lb = __byte_perm(L.lo0, L.lo1, sb), hb = __byte_perm(L.hi0, L.hi1, sb);
+    c[0] = __byte_perm(la, ha, 0x5140);
+    c[1] = __byte_perm(la, ha, 0x7362);
+    c[2] = __byte_perm(lb, hb, 0x5140);
+    c[3] = __byte_perm(lb, hb, 0x7362);
+    const u32 y = x << 4;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const u32 v = __byte_perm(x, y, 0x0040u + 0x1010u * j);
+        s[j] = (v & 0x80008000u) ^ 0xBC00BC00u;
+    }
 }
-// Centroid (high or low part) of K pair p: nibble indices of word byte (j>>1)... see k_pair_dims.
-__device__ __forceinline__ u32 tq_k_c(const u32* w, int p, const Lut8& L) {
-    const int wi = p >> 2, j = p & 3;
-    const u32 sel = ((j < 2) ? w[wi] : (w[wi] >> 16)) & 0x7777u;
-    return lut8_pair(L, sel, j & 1);
-}
-// +-1 of the residual-sign bits of K pair p (bit 3 of each nibble; 1 = positive).
-__device__ __forceinline__ u32 tq_k_s(const u32* w, int p) {
-    const int wi = p >> 2, j = p & 3;
-    const u32 x = w[wi];
-    const u32 v = __byte_perm(x, x << 4, 0x0040u + 0x1010u * j);
-    return (v & 0x80008000u) ^ 0xBC00BC00u;
-}
-// V: 4-entry table, low bytes in t0, high bytes in t1; f = two 2-bit codes at bits 0 and 16.
-__device__ __forceinline__ u32 lut4_pair(u32 t0, u32 t1, u32 f) {
-    const u32 t = f * 0x11u;
-    return __byte_perm(t0, t1, t + (t >> 8) + 0x4040u);
+// V: four 2-bit codes at bits 0, 8, 16, 24 of f -> f16 pairs {C2[b0], C2[b1]} and {C2[b2], C2[b3]}
+// from the table t01 = {C2[0], C2[1]}, t23 = {C2[2], C2[3]} (entry c at bytes 2c, 2c + 1).
+__device__ __forceinline__ void tq_v_quad(u32 f, u32 t01, u32 t23, u32& lo, u32& hi) {
+    const u32 sel = f * 0x22u + 0x10101010u;
+    lo = __byte_perm(t01, t23, sel);
+    hi = __byte_perm(t01, t23, sel >> 16);
 }
 #endif
 
-extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 2)
+extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, KVQ_CTAS)
 kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, CacheParams p, int layer,
                  const int* __restrict__ block_tables, int bt_stride, const int* __restrict__ ctx_lens,
                  int num_kv_heads, int tokens_per_split, float qk_scale, float* __restrict__ part_o,
                  float* __restrict__ part_ml, int num_splits) {
     __shared__ float s_q[KVQ_G][KVQ_DK];
-    __shared__ float s_qsum[KVQ_G];
+    __shared__ float s_qsum[KVQ_G], s_qmul[KVQ_G], s_koff[KVQ_G];
     __shared__ float s_m[DEC_WARPS][KVQ_G], s_l[DEC_WARPS][KVQ_G];
     __shared__ float s_o[DEC_WARPS][KVQ_G][KVQ_DV];
 
@@ -325,89 +343,101 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
         *x = __fmul_rn(__fmul_rn(*x, rot), qk_scale);
     }
     __syncthreads();
+    // Each head's query times the power of two 2^-e that brings its largest element to [1, 2):
+    // no overflow and no subnormals in f16; the scores are multiplied back by 2^e in f32. The
+    // sum of q (for the zero points) is taken over the rounded operands the products use.
     for (int h = warp; h < KVQ_G; h += DEC_WARPS) {
+        float amax = 0.0f;
+        for (int d = lane; d < KVQ_DK; d += 32) amax = fmaxf(amax, fabsf(s_q[h][d]));
+        amax = warp_max(amax);
+        const int e = (amax > 0.0f && amax < 3.0e38f) ? min(max(ilogbf(amax), -100), 100) : 0;
+        const float down = __int_as_float((127 - e) << 23);
         float s = 0.0f;
-        for (int d = lane; d < KVQ_DK; d += 32) s += s_q[h][d];
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (lane == 0) s_qsum[h] = s;
+        for (int d = lane; d < KVQ_DK; d += 32) {
+            const float x = op_val(op_bits(s_q[h][d] * down));
+            s_q[h][d] = x;
+            s += x;
+        }
+        __syncwarp();
+        // sum over the K slots of q times the slot's code offset (integer codecs)
+        float ko = 0.0f;
+        for (int i = lane; i < 4 * 2 * KT; i += 32) {
+            const int t = i / (2 * KT), pp = i % (2 * KT);
+            int d0, d1;
+            k_pair_dims(t, pp, d0, d1);
+            ko += (s_q[h][d0] + s_q[h][d1]) * (k_pair_hi(pp) ? K_OFF_HI : K_OFF_LO);
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            s += __shfl_xor_sync(0xffffffffu, s, o);
+            ko += __shfl_xor_sync(0xffffffffu, ko, o);
+        }
+        if (lane == 0) {
+            s_qsum[h] = s;
+            s_qmul[h] = __int_as_float((127 + e) << 23);
+            s_koff[h] = ko;
+        }
     }
     __syncthreads();
 
-    // B fragments of the K product: column g = head (nt*4 + g/2), part g%2.
-    u32 bq[NT][KT][2];
+    // B fragments of the K product: column g = head g.
+    u32 bq[KT][2];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        const int h = nt * 4 + (g >> 1);
+    for (int kk = 0; kk < KT; ++kk) {
 #pragma unroll
-        for (int kk = 0; kk < KT; ++kk) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                int d0, d1;
-                k_pair_dims(tig, 2 * kk + r, d0, d1);
-                const float x0 = h < KVQ_G ? s_q[h][d0] : 0.0f, x1 = h < KVQ_G ? s_q[h][d1] : 0.0f;
-                u16 h0, l0, h1, l1;
-                split_hl(x0, h0, l0);
-                split_hl(x1, h1, l1);
-                bq[nt][kk][r] = (g & 1) ? pack2(l0, l1) : pack2(h0, h1);
-            }
+        for (int r = 0; r < 2; ++r) {
+            int d0, d1;
+            k_pair_dims(tig, 2 * kk + r, d0, d1);
+            const float f = k_pair_hi(2 * kk + r) ? 0.0625f : 1.0f;
+            const float x0 = g < KVQ_G ? s_q[g][d0] * f : 0.0f, x1 = g < KVQ_G ? s_q[g][d1] * f : 0.0f;
+            bq[kk][r] = pack2(op_bits(x0), op_bits(x1));
         }
     }
-    float qsum[NT];
+    // This lane's heads 2 tig + hh: sum of q, and the factor that undoes the query's scaling.
+    float qsum[2], qmul[2], koff[2];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) qsum[nt] = (nt * 4 + tig < KVQ_G) ? s_qsum[nt * 4 + tig] : 0.0f;
+    for (int hh = 0; hh < 2; ++hh) {
+        const int h = 2 * tig + hh;
+        qsum[hh] = h < KVQ_G ? s_qsum[h] : 0.0f;
+        qmul[hh] = h < KVQ_G ? s_qmul[h] : 1.0f;
+        koff[hh] = h < KVQ_G ? s_koff[h] : 0.0f;
+    }
 
 #if KVQ_CODEC == CODEC_TQ
     const float c3[8] = {-2.1519456f, -1.3439093f, -0.7560052f, -0.2450942f,
                          0.2450942f,  0.7560052f,  1.3439093f,  2.1519456f};
     const float c2[4] = {-1.5104176f, -0.4527808f, 0.4527808f, 1.5104176f};
-    Lut8 kc_hi, kc_lo;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) { kc_hi.t[i] = 0; kc_lo.t[i] = 0; }
+    Lut8 kc = {0u, 0u, 0u, 0u};
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         const u16 hb = f32_to_f16(c3[i]);
-        const u16 lb = f32_to_f16((c3[i] - f16_to_f32(hb)) * 2048.0f);
-        const int sh = 8 * (i & 3), t = i >> 2;
-        kc_hi.t[t] |= (u32)(hb & 0xFF) << sh;
-        kc_hi.t[2 + t] |= (u32)(hb >> 8) << sh;
-        kc_lo.t[t] |= (u32)(lb & 0xFF) << sh;
-        kc_lo.t[2 + t] |= (u32)(lb >> 8) << sh;
+        const int sh = 8 * (i & 3);
+        if (i < 4) {
+            kc.lo0 |= (u32)(hb & 0xFF) << sh;
+            kc.hi0 |= (u32)(hb >> 8) << sh;
+        } else {
+            kc.lo1 |= (u32)(hb & 0xFF) << sh;
+            kc.hi1 |= (u32)(hb >> 8) << sh;
+        }
     }
-    u32 vc_hi0 = 0, vc_hi1 = 0, vc_lo0 = 0, vc_lo1 = 0;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const u16 hb = f32_to_f16(c2[i]);
-        const u16 lb = f32_to_f16((c2[i] - f16_to_f32(hb)) * 2048.0f);
-        vc_hi0 |= (u32)(hb & 0xFF) << (8 * i);
-        vc_hi1 |= (u32)(hb >> 8) << (8 * i);
-        vc_lo0 |= (u32)(lb & 0xFF) << (8 * i);
-        vc_lo1 |= (u32)(lb >> 8) << (8 * i);
-    }
+    const u32 vc01 = pack2(f32_to_f16(c2[0]), f32_to_f16(c2[1]));
+    const u32 vc23 = pack2(f32_to_f16(c2[2]), f32_to_f16(c2[3]));
     const float sigma_k = (float)(1.0 / sqrt((double)KVQ_DK));
     const float sigma_v = (float)(1.0 / sqrt((double)KVQ_DV));
 #endif
 
-    // ---- running state: per n-tile, this lane's head is nt*4 + tig ----
-    float m_run[NT], l_run[NT], corr[NT];
-    float o[NT][MT][4];
-#if KVQ_CODEC == CODEC_TQ
-    float o2[NT][MT][4];  // products with the low part of the V centroids
-#endif
+    // ---- running state of this lane's heads 2 tig + hh (all relative to 2^m_run) ----
+    float m_run[2], l_run[2], corr[2];
+    float o[MT][4];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        m_run[nt] = -f_inf();
-        l_run[nt] = 0.0f;
-        corr[nt] = 0.0f;
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                o[nt][mt][i] = 0.0f;
-#if KVQ_CODEC == CODEC_TQ
-                o2[nt][mt][i] = 0.0f;
-#endif
-            }
+    for (int hh = 0; hh < 2; ++hh) {
+        m_run[hh] = -f_inf();
+        l_run[hh] = 0.0f;
+        corr[hh] = 0.0f;
     }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) o[mt][i] = 0.0f;
 
     // Addresses: a block's base in 64 bits, everything inside a block (< layer_bytes) in 32.
     const int bs_shift = __ffs(bs) - 1;  // the block size is a power of two (checked on the host)
@@ -460,11 +490,13 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
 #if KVQ_CODEC != CODEC_FLOAT
                 const u8* km = bp + (km_off[r] + off0 * kmts);
                 const u8* vm = bp + (vm_off[r] + off0 * vmts);
+                // a masked token's V metadata is zero: its weight is 0 * 0, never 0 * NaN
+                const bool ok = T.kval[ti][r];
                 T.kmeta[ti][r] = live ? __ldg((const unsigned int*)km) : 0u;
 #if KVQ_CODEC == CODEC_TQ
-                T.vmeta[ti][r] = live ? (u32)__ldg((const unsigned short*)vm) : 0u;
+                T.vmeta[ti][r] = ok ? (u32)__ldg((const unsigned short*)vm) : 0u;
 #else
-                T.vmeta[ti][r] = live ? __ldg((const unsigned int*)vm) : 0u;
+                T.vmeta[ti][r] = ok ? __ldg((const unsigned int*)vm) : 0u;
 #endif
 #else
                 T.kmeta[ti][r] = 0u;
@@ -501,178 +533,153 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
         }
     };
     auto compute_iter = [&](const Tile& T) {
-        // ---- scores ----
-        float sc[NT][KVQ_TPI][2];
+        // ---- scores: sc[ti][i], i = 2 r + hh: token g + 8 r, head 2 tig + hh ----
+        float sc[KVQ_TPI][4];
+#if KVQ_CODEC != CODEC_FLOAT
+        float lv[KVQ_TPI][2];  // log2 |V scale| of tokens g, g + 8 (clamped: finite)
+#endif
 #pragma unroll
         for (int ti = 0; ti < KVQ_TPI; ++ti) {
-            // Two short accumulator chains (even and odd k-tiles), summed in f32: the tensor
-            // cores' accumulation truncates, so long chains would bias the scores.
-            float acc[NT][4], acc2[NT][4];
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #if KVQ_CODEC == CODEC_TQ
-            float acc_lo[NT][4], acc_s[NT][4];
-#endif
+            float acc_s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
+            for (int wi = 0; wi < KW; ++wi) {
+                u32 c0[4], s0[4], c1[4], s1[4];
+                tq_k_word(T.kr[ti][0][wi], kc, c0, s0);
+                tq_k_word(T.kr[ti][1][wi], kc, c1, s1);
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    acc[nt][i] = 0.0f;
-                    acc2[nt][i] = 0.0f;
-#if KVQ_CODEC == CODEC_TQ
-                    acc_lo[nt][i] = 0.0f;
-                    acc_s[nt][i] = 0.0f;
-#endif
+                for (int h = 0; h < 2; ++h) {
+                    const int kk = 2 * wi + h;
+                    mma16816(acc, c0[2 * h], c1[2 * h], c0[2 * h + 1], c1[2 * h + 1], bq[kk][0], bq[kk][1]);
+                    mma16816(acc_s, s0[2 * h], s1[2 * h], s0[2 * h + 1], s1[2 * h + 1], bq[kk][0], bq[kk][1]);
                 }
+            }
+#else
 #pragma unroll
             for (int kk = 0; kk < KT; ++kk) {
-#if KVQ_CODEC == CODEC_TQ
-                const u32 a0 = tq_k_c(T.kr[ti][0], 2 * kk, kc_hi), a1 = tq_k_c(T.kr[ti][1], 2 * kk, kc_hi);
-                const u32 a2 = tq_k_c(T.kr[ti][0], 2 * kk + 1, kc_hi), a3 = tq_k_c(T.kr[ti][1], 2 * kk + 1, kc_hi);
-                const u32 l0 = tq_k_c(T.kr[ti][0], 2 * kk, kc_lo), l1 = tq_k_c(T.kr[ti][1], 2 * kk, kc_lo);
-                const u32 l2 = tq_k_c(T.kr[ti][0], 2 * kk + 1, kc_lo), l3 = tq_k_c(T.kr[ti][1], 2 * kk + 1, kc_lo);
-                const u32 s0 = tq_k_s(T.kr[ti][0], 2 * kk), s1 = tq_k_s(T.kr[ti][1], 2 * kk);
-                const u32 s2 = tq_k_s(T.kr[ti][0], 2 * kk + 1), s3 = tq_k_s(T.kr[ti][1], 2 * kk + 1);
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    mma16816((kk & 1) ? acc2[nt] : acc[nt], a0, a1, a2, a3, bq[nt][kk][0], bq[nt][kk][1]);
-                    mma16816(acc_lo[nt], l0, l1, l2, l3, bq[nt][kk][0], bq[nt][kk][1]);
-                    mma16816(acc_s[nt], s0, s1, s2, s3, bq[nt][kk][0], bq[nt][kk][1]);
-                }
-#else
                 const u32 a0 = k_a(T.kr[ti][0], 2 * kk), a1 = k_a(T.kr[ti][1], 2 * kk);
                 const u32 a2 = k_a(T.kr[ti][0], 2 * kk + 1), a3 = k_a(T.kr[ti][1], 2 * kk + 1);
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt) mma16816((kk & 1) ? acc2[nt] : acc[nt], a0, a1, a2, a3, bq[nt][kk][0], bq[nt][kk][1]);
-#endif
+                mma16816(acc, a0, a1, a2, a3, bq[kk][0], bq[kk][1]);
             }
+#endif
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
+            for (int r = 0; r < 2; ++r) {
+                const u32 km = T.kmeta[ti][r];
+                const float m0 = t_load((u16)(km & 0xFFFFu)), m1 = t_load((u16)(km >> 16));
+#if KVQ_CODEC != CODEC_FLOAT
+                const float vs = fabsf(t_load((u16)(T.vmeta[ti][r] & 0xFFFFu)));
+                lv[ti][r] = __log2f(fminf(fmaxf(vs, 1.0e-30f), 1.0e30f));
+#endif
 #pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    float raw = (acc[nt][2 * r] + acc2[nt][2 * r]) + (acc[nt][2 * r + 1] + acc2[nt][2 * r + 1]) * INV_LO;
-                    const u32 km = T.kmeta[ti][r];
-                    const float m0 = t_load((u16)(km & 0xFFFFu)), m1 = t_load((u16)(km >> 16));
+                for (int hh = 0; hh < 2; ++hh) {
+                    const float raw = acc[2 * r + hh];
 #if KVQ_CODEC == CODEC_FLOAT
                     float s = raw;
                     (void)m0; (void)m1;
 #elif KVQ_CODEC == CODEC_PT_INT8 || KVQ_CODEC == CODEC_PT_INT4
-                    // scale (q.(c - OFF) + (OFF - zero) sum q)
-                    float s = m0 * (raw + ((float)CODE_OFF - m1) * qsum[nt]);
+                    // scale (q.c - zero sum q); raw = q.c + K_OFF
+                    float s = m0 * ((raw - koff[hh]) - m1 * qsum[hh]);
 #elif KVQ_CODEC == CODEC_TM_INT8 || KVQ_CODEC == CODEC_TM_INT4
-                    // scale q.(c - OFF) + (min + OFF scale) sum q
-                    float s = m0 * raw + (m1 + (float)CODE_OFF * m0) * qsum[nt];
+                    // scale q.c + min sum q; raw = q.c + K_OFF
+                    float s = m0 * (raw - koff[hh]) + m1 * qsum[hh];
 #else
-                    raw += (acc_lo[nt][2 * r] + acc_lo[nt][2 * r + 1] * INV_LO) * INV_LO;
-                    const float sg = acc_s[nt][2 * r] + acc_s[nt][2 * r + 1] * INV_LO;
-                    float s = m0 * (sigma_k * raw + m1 * sg);
+                    float s = m0 * (sigma_k * raw + m1 * acc_s[2 * r + hh]);
 #endif
-                    sc[nt][ti][r] = T.kval[ti][r] ? s : -f_inf();
+                    sc[ti][2 * r + hh] = T.kval[ti][r] ? s * qmul[hh] : -f_inf();
                 }
             }
         }
 
         // ---- online softmax over the iteration's tokens ----
-        float pw[NT][KVQ_TPI][2];
+        // One running maximum per head of score + log2 |V scale|: the V weights p * scale are
+        // then at most 1, and the probabilities themselves (kept in f32 for the normaliser) at
+        // most 2^100 by the clamp of lv.
+        float wv[KVQ_TPI][4];  // weights of the V product (f32, before rounding to f16)
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
+        for (int hh = 0; hh < 2; ++hh) {
             float mx = -f_inf();
 #pragma unroll
-            for (int ti = 0; ti < KVQ_TPI; ++ti) mx = fmaxf(mx, fmaxf(sc[nt][ti][0], sc[nt][ti][1]));
+            for (int ti = 0; ti < KVQ_TPI; ++ti) {
+#if KVQ_CODEC == CODEC_FLOAT
+                mx = fmaxf(mx, fmaxf(sc[ti][hh], sc[ti][2 + hh]));
+#else
+                mx = fmaxf(mx, fmaxf(sc[ti][hh] + lv[ti][0], sc[ti][2 + hh] + lv[ti][1]));
+#endif
+            }
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-            const float m_new = fmaxf(m_run[nt], mx);
-            const float alpha = (m_new == -f_inf()) ? 1.0f : exp2f(m_run[nt] - m_new);
-            float sum = 0.0f;
+            const float m_new = fmaxf(m_run[hh], mx);
+            const float m_use = (m_new == -f_inf()) ? 0.0f : m_new;  // exp2(-inf - m_use) = 0
+            float sum = 0.0f, csum = 0.0f;
 #pragma unroll
             for (int ti = 0; ti < KVQ_TPI; ++ti)
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    const float s = sc[nt][ti][r];
-                    const float pr = (s == -f_inf()) ? 0.0f : exp2f(s - m_new);
-                    pw[nt][ti][r] = pr;
+                    const float s = sc[ti][2 * r + hh];
+                    const float pr = exp2f(s - m_use);
                     sum += pr;
-                }
-            l_run[nt] = l_run[nt] * alpha + sum;
-            corr[nt] *= alpha;
-            m_run[nt] = m_new;
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    o[nt][mt][i] *= alpha;
-#if KVQ_CODEC == CODEC_TQ
-                    o2[nt][mt][i] *= alpha;
+#if KVQ_CODEC == CODEC_FLOAT
+                    wv[ti][2 * r + hh] = pr;
+#else
+                    const u32 vm = T.vmeta[ti][r];
+                    const float m0 = t_load((u16)(vm & 0xFFFFu)), m1 = t_load((u16)(vm >> 16));
+                    // (a masked token's metadata was zeroed at load: pr = 0 and finite factors)
+                    const float w = pr * m0;
+                    wv[ti][2 * r + hh] = w;
+#if KVQ_CODEC == CODEC_PT_INT8 || KVQ_CODEC == CODEC_PT_INT4
+                    csum += w * (m1 - (float)CODE_OFF);  // sum p scale (zero - OFF)
+#elif KVQ_CODEC == CODEC_TM_INT8 || KVQ_CODEC == CODEC_TM_INT4
+                    csum += pr * (m1 + (float)CODE_OFF * m0);  // sum p (min + OFF scale)
+#else
+                    (void)m1;
+#endif
 #endif
                 }
+            // Rescale only when the maximum grew (rarely, once a split is under way).
+            if (m_new > m_run[hh]) {
+                const float alpha = (m_run[hh] == -f_inf()) ? 0.0f : exp2f(m_run[hh] - m_new);
+                l_run[hh] *= alpha;
+                corr[hh] *= alpha;
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    o[mt][hh] *= alpha;
+                    o[mt][2 + hh] *= alpha;
+                }
+                m_run[hh] = m_new;
+            }
+            l_run[hh] += sum;
+            corr[hh] += csum;
         }
 
         // ---- V product ----
+        const int sa = (2 * tig) * 4 + (g >> 1), sb = sa + 4;
+        const u32 psel = (g & 1) ? 0x7632u : 0x5410u;
 #pragma unroll
         for (int ti = 0; ti < KVQ_TPI; ++ti) {
-            u32 b0[NT], b1[NT];
-            // Integer codecs: the weights p * scale of the tile go into the products times a power
-            // of two that brings the tile's largest scale to [1, 2), so small scales do not fall
-            // into f16's subnormal range; the product is scaled back exactly when it is added.
-            float up = 1.0f, down = 1.0f;
-#if KVQ_CODEC != CODEC_FLOAT && KVQ_CODEC != CODEC_TQ
-            {
-                float smax = 0.0f;
+            // B: rows = tokens (2 tig, 2 tig + 1 | 2 tig + 8, 2 tig + 9), column = head g; the lane
+            // holding token t's weights is (t % 8) * 4 + head / 2.
+            const u32 src0 = op_pack(wv[ti][0], wv[ti][1]), src1 = op_pack(wv[ti][2], wv[ti][3]);
+            const u32 x0 = __shfl_sync(0xffffffffu, src0, sa), y0 = __shfl_sync(0xffffffffu, src0, sb);
+            const u32 x1 = __shfl_sync(0xffffffffu, src1, sa), y1 = __shfl_sync(0xffffffffu, src1, sb);
+            const u32 b0 = __byte_perm(x0, y0, psel), b1 = __byte_perm(x1, y1, psel);
+            const u32* v0 = T.vr[ti][0];
+            const u32* v1 = T.vr[ti][1];
+            const u32* v8 = T.vr[ti][2];
+            const u32* v9 = T.vr[ti][3];
+#if KVQ_CODEC == CODEC_TQ
+            // bytes k, k+1 of tokens (t0, t1) interleaved: [t0.k, t1.k, t0.k+1, t1.k+1]
+            u32 u01[VW * 2], u89[VW * 2];
 #pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const float m0 = fabsf(t_load((u16)(T.vmeta[ti][r] & 0xFFFFu)));
-                    if (T.kval[ti][r] && m0 < 3.0e38f) smax = fmaxf(smax, m0);
-                }
-                smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, 4));
-                smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, 8));
-                smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, 16));
-                if (smax > 0.0f) {
-                    const int e = min(max(-ilogbf(smax), -100), 100);
-                    up = __int_as_float((127 + e) << 23);
-                    down = __int_as_float((127 - e) << 23);
-                }
+            for (int ub = 0; ub < (VB >= 4 ? 2 : 1); ++ub) {
+                const u32 sel = ub ? 0x7362u : 0x5140u;
+                u01[ub] = __byte_perm(v0[0], v1[0], sel);
+                u89[ub] = __byte_perm(v8[0], v9[0], sel);
             }
 #endif
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                const bool head_ok = nt * 4 + tig < KVQ_G;
-                u16 hw[2], lw[2];
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const float pr = pw[nt][ti][r];
-                    const u32 vm = T.vmeta[ti][r];
-                    const float m0 = t_load((u16)(vm & 0xFFFFu)), m1 = t_load((u16)(vm >> 16));
-                    float w = 0.0f;
-                    if (T.kval[ti][r] && head_ok) {
-#if KVQ_CODEC == CODEC_FLOAT
-                        w = pr;
-                        (void)m0; (void)m1;
-#elif KVQ_CODEC == CODEC_PT_INT8 || KVQ_CODEC == CODEC_PT_INT4
-                        w = pr * m0;
-                        corr[nt] += w * (m1 - (float)CODE_OFF);  // sum p scale (zero - OFF)
-#elif KVQ_CODEC == CODEC_TM_INT8 || KVQ_CODEC == CODEC_TM_INT4
-                        w = pr * m0;
-                        corr[nt] += pr * (m1 + (float)CODE_OFF * m0);  // sum p (min + OFF scale)
-#else
-                        w = pr * m0;
-                        (void)m1;
-#endif
-                    }
-                    split_hl(w * up, hw[r], lw[r]);
-                }
-                const u32 src_hi = pack2(hw[0], hw[1]), src_lo = pack2(lw[0], lw[1]);
-                const int sa = (2 * tig) * 4 + (g >> 1), sb = (2 * tig + 1) * 4 + (g >> 1);
-                const u32 xh = __shfl_sync(0xffffffffu, src_hi, sa), xl = __shfl_sync(0xffffffffu, src_lo, sa);
-                const u32 yh = __shfl_sync(0xffffffffu, src_hi, sb), yl = __shfl_sync(0xffffffffu, src_lo, sb);
-                const u32 x = (g & 1) ? xl : xh, y = (g & 1) ? yl : yh;
-                b0[nt] = __byte_perm(x, y, 0x5410);
-                b1[nt] = __byte_perm(x, y, 0x7632);
-            }
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                const u32* v0 = T.vr[ti][0];
-                const u32* v1 = T.vr[ti][1];
-                const u32* v8 = T.vr[ti][2];
-                const u32* v9 = T.vr[ti][3];
 #if KVQ_CODEC == CODEC_FLOAT
                 const u32 a0 = __byte_perm(v0[mt], v1[mt], 0x5410), a1 = __byte_perm(v0[mt], v1[mt], 0x7632);
                 const u32 a2 = __byte_perm(v8[mt], v9[mt], 0x5410), a3 = __byte_perm(v8[mt], v9[mt], 0x7632);
@@ -692,25 +699,13 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
                 const u32 a0 = nib_lo(u01), a1 = nib_hi(u01);
                 const u32 a2 = nib_lo(u89), a3 = nib_hi(u89);
 #else
-                const int jb = mt >> 1, wi = jb >> 2;
-                const u32 k = (u32)(jb & 3);
-                const u32 sel = k * 0x11u + (k + 4u) * 0x1100u;
-                const int sh = 4 * (mt & 1);
-                const u32 u01 = __byte_perm(v0[wi], v1[wi], sel) >> sh, u89 = __byte_perm(v8[wi], v9[wi], sel) >> sh;
-                const u32 f0 = u01 & 0x00030003u, f1 = (u01 >> 2) & 0x00030003u;
-                const u32 f2 = u89 & 0x00030003u, f3 = (u89 >> 2) & 0x00030003u;
-                const u32 a0 = lut4_pair(vc_hi0, vc_hi1, f0), a1 = lut4_pair(vc_hi0, vc_hi1, f1);
-                const u32 a2 = lut4_pair(vc_hi0, vc_hi1, f2), a3 = lut4_pair(vc_hi0, vc_hi1, f3);
-                const u32 l0 = lut4_pair(vc_lo0, vc_lo1, f0), l1 = lut4_pair(vc_lo0, vc_lo1, f1);
-                const u32 l2 = lut4_pair(vc_lo0, vc_lo1, f2), l3 = lut4_pair(vc_lo0, vc_lo1, f3);
+                // field f = mt % 4 of bytes (2 ub, 2 ub + 1), ub = mt / 4: rows g and g + 8
+                const int ub = mt >> 2, f = mt & 3;
+                u32 a0, a1, a2, a3;
+                tq_v_quad((u01[ub] >> (2 * f)) & 0x03030303u, vc01, vc23, a0, a1);
+                tq_v_quad((u89[ub] >> (2 * f)) & 0x03030303u, vc01, vc23, a2, a3);
 #endif
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    mma_add(o[nt][mt], a0, a1, a2, a3, b0[nt], b1[nt], down);
-#if KVQ_CODEC == CODEC_TQ
-                    mma16816(o2[nt][mt], l0, l1, l2, l3, b0[nt], b1[nt]);  // weight 2^-11: chained
-#endif
-                }
+                mma16816(o[mt], a0, a1, a2, a3, b0, b1);
             }
         }
     };
@@ -731,30 +726,32 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
 
     // ---- merge the warps of the CTA ----
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        float l = l_run[nt], c = corr[nt];
+    for (int hh = 0; hh < 2; ++hh) {
+        float l = l_run[hh], c = corr[hh];
         for (int off = 4; off < 32; off <<= 1) {
             l += __shfl_xor_sync(0xffffffffu, l, off);
             c += __shfl_xor_sync(0xffffffffu, c, off);
         }
-        const int h = nt * 4 + tig;
+        const int h = 2 * tig + hh;
         if (h < KVQ_G) {
             if (g == 0) {
-                s_m[warp][h] = m_run[nt];
+                s_m[warp][h] = m_run[hh];
                 s_l[warp][h] = l;
             }
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    float val = o[nt][mt][2 * r] + o[nt][mt][2 * r + 1] * INV_LO;
+                    float val = o[mt][2 * r + hh];
 #if KVQ_CODEC == CODEC_PT_INT8 || KVQ_CODEC == CODEC_PT_INT4
                     val -= c;
 #elif KVQ_CODEC == CODEC_TM_INT8 || KVQ_CODEC == CODEC_TM_INT4
                     val += c;
 #elif KVQ_CODEC == CODEC_TQ
-                    val += (o2[nt][mt][2 * r] + o2[nt][mt][2 * r + 1] * INV_LO) * INV_LO;
                     val *= sigma_v;
+                    (void)c;
+#else
+                    (void)c;
 #endif
                     s_o[warp][h][v_row_dim(g, 2 * mt + r)] = val;
                 }
