@@ -129,9 +129,11 @@ pub fn validate_common(
         )));
     }
     if let DeviceChoice::Cuda(_) = cfg.device()? {
-        return Err(unsupported(
-            "device = \"cuda\" needs a build with the `cuda` feature and a CUDA GPU; use device = \"cpu\" or \"auto\"".into(),
-        ));
+        if crate::model::device_runner_factory("cuda").is_none() {
+            return Err(unsupported(
+                "device = \"cuda\" needs a build with the `cuda` feature and a CUDA GPU; use device = \"cpu\" or \"auto\"".into(),
+            ));
+        }
     }
     Ok(())
 }
