@@ -14,6 +14,8 @@ pub mod server;
 // Linked for their registrations (a crate nothing references is dropped by the linker).
 use backend_pytorchlike as _;
 use backend_turbomind as _;
+// With the `cuda` feature it registers the `device = "cuda"` model runner.
+use kernels as _;
 
 /// The attention backends this build registers.
 pub fn backends() -> Vec<&'static str> {

@@ -47,7 +47,7 @@ impl AttentionBackend for PytorchBackend {
         Capabilities {
             policies: vec![0, 8, 4, 42],
             registered_codecs: true,
-            devices: vec!["cpu"],
+            devices: engine_core::backend::available_devices(),
         }
     }
 

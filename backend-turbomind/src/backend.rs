@@ -97,7 +97,7 @@ impl AttentionBackend for TurbomindBackend {
         Capabilities {
             policies: vec![0, 8, 4],
             registered_codecs: false,
-            devices: vec!["cpu"],
+            devices: engine_core::backend::available_devices(),
         }
     }
 

@@ -110,6 +110,18 @@ pub fn backend_by_name(name: &str) -> Result<Box<dyn AttentionBackend>, ConfigEr
         })
 }
 
+/// Devices the engine can run a model on in this build: the CPU, and each device with a
+/// registered runner (`cuda` with the `cuda` feature).
+pub fn available_devices() -> Vec<&'static str> {
+    let mut v = vec!["cpu"];
+    v.extend(
+        inventory::iter::<crate::model::DeviceRunnerRegistration>
+            .into_iter()
+            .map(|r| r.device),
+    );
+    v
+}
+
 /// Rules every backend shares: the model must be something the engine can cache, the
 /// dtype/device must be available.
 pub fn validate_common(
@@ -129,9 +141,11 @@ pub fn validate_common(
         )));
     }
     if let DeviceChoice::Cuda(_) = cfg.device()? {
-        return Err(unsupported(
-            "device = \"cuda\" needs a build with the `cuda` feature and a CUDA GPU; use device = \"cpu\" or \"auto\"".into(),
-        ));
+        if crate::model::device_runner_factory("cuda").is_none() {
+            return Err(unsupported(
+                "device = \"cuda\" needs a build with the `cuda` feature and a CUDA GPU; use device = \"cpu\" or \"auto\"".into(),
+            ));
+        }
     }
     Ok(())
 }

@@ -43,6 +43,9 @@ pub enum KvqError {
     /// The engine failed while running a request (a failed step fails every request in it).
     #[error("engine: {0}")]
     Engine(String),
+    /// A device (GPU) that cannot be used, or a failure on it; names the device and the cause.
+    #[error("device {device}: {reason}")]
+    Device { device: String, reason: String },
     /// The engine's thread has stopped; nothing more can be submitted.
     #[error("the engine has stopped")]
     EngineStopped,

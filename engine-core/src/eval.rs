@@ -5,9 +5,10 @@
 use serde::Serialize;
 
 use crate::cache::{BlockPool, BlockTable, PagedKvCache};
-use crate::config::EngineConfig;
+use crate::config::{DeviceChoice, EngineConfig};
 use crate::error::KvqError;
-use crate::model::{LlamaModel, LogitsFor, SeqInput};
+use crate::model::{device_runner_factory, DeviceRunnerRequest, LlamaModel, LogitsFor, SeqInput};
+use crate::ops::linear::Path;
 use crate::ops::log_softmax;
 use crate::plan::ResolvedConfig;
 
@@ -28,7 +29,8 @@ pub struct EvalRow {
     pub positions: usize,
 }
 
-/// Logits of every position of `tokens` under `cfg` (`[n, vocab]`).
+/// Logits of every position of `tokens` under `cfg` (`[n, vocab]`), on the device `cfg`
+/// names (`auto` is the CPU).
 pub fn window_logits(
     model: &LlamaModel,
     cfg: &EngineConfig,
@@ -37,7 +39,6 @@ pub fn window_logits(
     let resolved = ResolvedConfig::new(&model.spec, cfg)?;
     let block = cfg.engine.block_size;
     let blocks = BlockTable::blocks_for(tokens.len(), block);
-    let mut cache = PagedKvCache::new(resolved.layout.clone(), resolved.codec.clone(), blocks);
     let mut pool = BlockPool::new(blocks);
     let mut table = BlockTable::default();
     table.reserve(&mut pool, tokens.len(), block)?;
@@ -46,12 +47,41 @@ pub fn window_logits(
         start_pos: 0,
         block_table: &table,
     };
-    let logits = model.forward(
-        resolved.backend.as_ref(),
-        &mut cache,
-        &[seq],
-        LogitsFor::AllTokens,
-    )?;
+    let logits = match cfg.device()? {
+        DeviceChoice::Auto | DeviceChoice::Cpu => {
+            let mut cache =
+                PagedKvCache::new(resolved.layout.clone(), resolved.codec.clone(), blocks);
+            model.forward(
+                resolved.backend.as_ref(),
+                &mut cache,
+                &[seq],
+                LogitsFor::AllTokens,
+            )?
+        }
+        DeviceChoice::Cuda(ordinal) => {
+            let build = device_runner_factory("cuda").ok_or_else(|| KvqError::Device {
+                device: format!("cuda:{ordinal}"),
+                reason: "this build has no CUDA support; rebuild with `--features cuda`".into(),
+            })?;
+            let block_bytes = resolved.layout.block_bytes() as u64;
+            let mut device = build(DeviceRunnerRequest {
+                model,
+                resolved: &resolved,
+                config: cfg,
+                ordinal,
+                plan: &|_| Ok(resolved.plan_exact(blocks as u64 * block_bytes)),
+            })?;
+            let mut cache = PagedKvCache::new(resolved.layout.clone(), resolved.codec.clone(), 0);
+            device.runner.forward_with(
+                resolved.backend.as_ref(),
+                &mut cache,
+                &[seq],
+                LogitsFor::AllTokens,
+                Path::Auto,
+                Path::Auto,
+            )?
+        }
+    };
     Ok((resolved, logits))
 }
 

@@ -7,7 +7,9 @@
 //! - with the `cuda` feature: [`device::GpuContext`] (context, stream, module cache),
 //!   [`cache::GpuCache`] (the paged cache in device memory, same bytes as
 //!   `engine_core::cache::PagedKvCache`, with the quantize-and-store launcher),
-//!   [`decode::decode_attention`] (split-K paged decode attention) and [`timing`].
+//!   [`decode::decode_attention`] (split-K paged decode attention), [`blas`] (cuBLAS GEMMs),
+//!   [`runner::GpuLlama`] (the Llama forward pass on the GPU, registered with the engine as
+//!   the `device = "cuda"` runner) and [`timing`].
 //!
 //! The `cuda` feature builds on machines without CUDA: the libraries are loaded at run time,
 //! and their absence is a [`KernelError`], never a panic.
@@ -17,11 +19,15 @@ pub mod nvrtc;
 pub mod spec;
 
 #[cfg(feature = "cuda")]
+pub mod blas;
+#[cfg(feature = "cuda")]
 pub mod cache;
 #[cfg(feature = "cuda")]
 pub mod decode;
 #[cfg(feature = "cuda")]
 pub mod device;
+#[cfg(feature = "cuda")]
+pub mod runner;
 #[cfg(feature = "cuda")]
 pub mod timing;
 

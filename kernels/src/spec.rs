@@ -11,6 +11,7 @@ use crate::KernelError;
 const COMMON: &str = include_str!("cuda/common.cuh");
 const STORE: &str = include_str!("cuda/store.cu");
 const DECODE: &str = include_str!("cuda/decode.cu");
+const MODEL: &str = include_str!("cuda/model.cu");
 
 /// The built-in codecs that have GPU kernels. The names are what a codec reports through
 /// [`KvCodec::gpu_kernel`].
@@ -100,15 +101,19 @@ pub enum KernelKind {
     Store,
     /// `kvq_decode_split` + `kvq_decode_reduce`: split-K paged decode attention.
     Decode,
+    /// The model's dense ops around the GEMMs (`model.cu`); codec-independent.
+    Model,
 }
 
 impl KernelKind {
+    /// The codec-specialised kinds (every codec × shape compiles them).
     pub const ALL: [KernelKind; 2] = [KernelKind::Store, KernelKind::Decode];
 
     pub fn name(self) -> &'static str {
         match self {
             KernelKind::Store => "store",
             KernelKind::Decode => "decode",
+            KernelKind::Model => "model",
         }
     }
 
@@ -116,6 +121,7 @@ impl KernelKind {
         match self {
             KernelKind::Store => STORE,
             KernelKind::Decode => DECODE,
+            KernelKind::Model => MODEL,
         }
     }
 }
@@ -129,6 +135,17 @@ pub struct DecodeTuning {
     pub tiles_per_step: usize,
 }
 
+/// The entry points of `model.cu`.
+pub const MODEL_ENTRIES: [&str; 7] = [
+    "kvq_embed",
+    "kvq_add_rmsnorm",
+    "kvq_add",
+    "kvq_rope",
+    "kvq_silu_mul",
+    "kvq_to_f16",
+    "kvq_argmax",
+];
+
 /// Largest GQA group the decode kernel takes (two tiles of four heads).
 pub const MAX_GROUP: usize = 8;
 /// Head dims the decode kernel is built for.
@@ -137,6 +154,16 @@ pub const DECODE_HEAD_DIMS: [usize; 2] = [64, 128];
 pub const MAX_STORE_HEAD_DIM: usize = 1024;
 
 impl Specialization {
+    /// The specialization the codec-independent model kernels (`KernelKind::Model`) are
+    /// compiled and cached under.
+    pub const MODEL: Specialization = Specialization {
+        codec: GpuCodec::Float,
+        dtype: KvDtype::F16,
+        head_dim_k: 64,
+        head_dim_v: 64,
+        group: 1,
+    };
+
     /// The source and `-D` options of `kind` for this specialization.
     pub fn source(&self, kind: KernelKind) -> KernelSource {
         let dtype = match self.dtype {

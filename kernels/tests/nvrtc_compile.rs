@@ -5,7 +5,8 @@
 
 use kernels::nvrtc::{compile, nvrtc_available};
 use kernels::spec::compile_check_set;
-use kernels::{KernelKind, SUPPORTED_ARCHS};
+use kernels::spec::MODEL_ENTRIES;
+use kernels::{KernelKind, Specialization, SUPPORTED_ARCHS};
 
 #[test]
 fn every_kernel_compiles_for_every_supported_arch() {
@@ -29,6 +30,7 @@ fn every_kernel_compiles_for_every_supported_arch() {
                 for entry in match kind {
                     KernelKind::Store => &["kvq_store_kv", "kvq_fill_normal"][..],
                     KernelKind::Decode => &["kvq_decode_split", "kvq_decode_reduce"][..],
+                    KernelKind::Model => unreachable!("not in KernelKind::ALL"),
                 } {
                     assert!(
                         ptx.contains(&format!(".entry {entry}")),
@@ -39,6 +41,18 @@ fn every_kernel_compiles_for_every_supported_arch() {
                 built += 1;
             }
         }
+    }
+    for arch in SUPPORTED_ARCHS {
+        let src = Specialization::MODEL.source(KernelKind::Model);
+        let ptx = compile(&src, arch).unwrap_or_else(|e| panic!("{e}"));
+        for entry in MODEL_ENTRIES {
+            assert!(
+                ptx.contains(&format!(".entry {entry}")),
+                "{} for {arch}: no entry {entry}",
+                src.name
+            );
+        }
+        built += 1;
     }
     eprintln!(
         "compiled {built} kernel modules for {SUPPORTED_ARCHS:?} in {:.1} s",

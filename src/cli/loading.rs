@@ -27,7 +27,11 @@ pub fn load_engine(args: &EngineArgs) -> Result<Engine, KvqError> {
     });
     bar.finish_and_clear();
     let engine = engine?;
-    eprintln!("kvq: {}", engine.summary());
+    eprintln!(
+        "kvq: {}; running on {}",
+        engine.summary(),
+        engine.device_name()
+    );
     Ok(engine)
 }
 

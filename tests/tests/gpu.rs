@@ -696,3 +696,7 @@ fn decode_long_context_uses_many_splits() {
     }
     assert_no_failures(failures);
 }
+
+/// The CUDA model runner against the CPU model.
+#[path = "gpu/model.rs"]
+mod model;

@@ -5,10 +5,13 @@ use std::path::Path;
 use super::request::{GenerationOutput, Request, TokenEvent};
 use super::scheduler::{Scheduler, SchedulerLimits, StepStats};
 use crate::cache::{BlockPool, MemoryPlan, PagedKvCache};
-use crate::config::EngineConfig;
+use crate::config::{DeviceChoice, EngineConfig};
 use crate::error::KvqError;
 use crate::loader::{GgufTensors, Tokenizer};
-use crate::model::{load_llama, LlamaModel, SafetensorsWeights};
+use crate::model::{
+    device_runner_factory, load_llama, DeviceRunnerRequest, ForwardPass, LlamaModel,
+    SafetensorsWeights,
+};
 use crate::model_spec::{gguf::spec_from_gguf, ModelSpec};
 use crate::plan::ResolvedConfig;
 
@@ -30,10 +33,13 @@ pub struct Engine {
     pub tokenizer: Tokenizer,
     pub resolved: ResolvedConfig,
     pub plan: MemoryPlan,
+    /// The host cache; with a device runner it has no blocks (the K/V lives on the device).
     cache: PagedKvCache,
     pool: BlockPool,
     sched: Scheduler,
     preempted: u64,
+    /// A device runner that replaces `model` for forward passes, with its device's name.
+    device: Option<(Box<dyn ForwardPass>, String)>,
 }
 
 /// Prompt tokens one step processes over all sequences (chunked prefill), so a long prompt
@@ -141,10 +147,52 @@ impl Engine {
         let (spec, model, tokenizer) = load_model(path, progress)?;
         let resolved = ResolvedConfig::new(&spec, config)?;
         progress(LoadStage::AllocatingCache);
-        let plan = plan_cpu_cache(&resolved, config)?;
-        let engine = Self::from_parts(config.clone(), spec, model, tokenizer, resolved, plan);
+        let engine = match config.device()? {
+            // `auto` stays on the CPU: its results are the bit-exact, batch-invariant
+            // reference; the GPU is chosen explicitly.
+            DeviceChoice::Auto | DeviceChoice::Cpu => {
+                let plan = plan_cache(&resolved, config, available_memory_bytes())?;
+                Self::from_parts(config.clone(), spec, model, tokenizer, resolved, plan)
+            }
+            DeviceChoice::Cuda(ordinal) => {
+                let build = device_runner_factory("cuda").ok_or_else(|| KvqError::Device {
+                    device: format!("cuda:{ordinal}"),
+                    reason: "this build has no CUDA support; rebuild with `--features cuda`".into(),
+                })?;
+                let device = build(DeviceRunnerRequest {
+                    model: &model,
+                    resolved: &resolved,
+                    config,
+                    ordinal,
+                    plan: &|free| plan_cache(&resolved, config, free),
+                })?;
+                let mut engine = Self::from_parts(
+                    config.clone(),
+                    spec,
+                    model,
+                    tokenizer,
+                    resolved,
+                    device.plan,
+                );
+                // The K/V lives on the device: the host cache keeps only the layout.
+                engine.cache = PagedKvCache::new(
+                    engine.resolved.layout.clone(),
+                    engine.resolved.codec.clone(),
+                    0,
+                );
+                engine.device = Some((device.runner, device.device_name));
+                engine
+            }
+        };
         progress(LoadStage::Ready);
         Ok(engine)
+    }
+
+    /// The device the forward passes run on (`"cpu"` or the GPU's name).
+    pub fn device_name(&self) -> &str {
+        self.device
+            .as_ref()
+            .map_or("cpu", |(_, name)| name.as_str())
     }
 
     /// An engine from parts already built (a cache of `plan.num_blocks` blocks is allocated).
@@ -183,6 +231,7 @@ impl Engine {
             pool,
             sched,
             preempted: 0,
+            device: None,
         }
     }
 
@@ -265,8 +314,12 @@ impl Engine {
     /// One forward pass over the running batch (admitting and preempting as blocks allow);
     /// the tokens it sampled are appended to `events`.
     pub fn step(&mut self, events: &mut Vec<TokenEvent>) -> Result<StepStats, KvqError> {
+        let model: &mut dyn ForwardPass = match &mut self.device {
+            Some((runner, _)) => runner.as_mut(),
+            None => &mut self.model,
+        };
         let stats = self.sched.step(
-            &self.model,
+            model,
             self.resolved.backend.as_ref(),
             &mut self.cache,
             &mut self.pool,
@@ -345,16 +398,18 @@ impl Engine {
     }
 }
 
-/// The CPU cache plan: `cache_memory_gib`, else `cache_max_entry_count` of available memory,
+/// The cache plan: `cache_memory_gib`, else `cache_max_entry_count` of `available` memory
+/// (host memory on the CPU, device memory left after the weights on a GPU, as LMDeploy),
 /// capped at what `max_batch_size` full sessions can use.
-fn plan_cpu_cache(
+pub fn plan_cache(
     resolved: &ResolvedConfig,
     config: &EngineConfig,
+    available: u64,
 ) -> Result<MemoryPlan, KvqError> {
     let e = &config.engine;
     let mut plan = match e.cache_memory_gib {
         Some(g) => resolved.plan_exact((g * (1u64 << 30) as f64) as u64),
-        None => resolved.plan(available_memory_bytes(), config),
+        None => resolved.plan(available, config),
     };
     let most_useful = e.max_batch_size * e.session_len.div_ceil(e.block_size);
     if plan.num_blocks > most_useful {

@@ -17,7 +17,9 @@ pub use handle::{
     AsyncEngine, EngineEvent, EngineHandle, EngineInfo, EngineStats, EventResult, EventStream,
     RequestStream,
 };
-pub use load::{available_memory_bytes, load_model, Engine, LoadStage, DEFAULT_MAX_PREFILL_TOKENS};
+pub use load::{
+    available_memory_bytes, load_model, plan_cache, Engine, LoadStage, DEFAULT_MAX_PREFILL_TOKENS,
+};
 pub use request::{FinishReason, GenerationOutput, Request, TokenEvent};
 pub use scheduler::{Scheduler, SchedulerLimits, StepStats};
 pub use stop::StopMatcher;

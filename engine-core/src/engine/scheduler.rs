@@ -14,7 +14,7 @@ use crate::backend::AttentionBackend;
 use crate::cache::{BlockPool, BlockTable, PagedKvCache};
 use crate::error::KvqError;
 use crate::loader::Tokenizer;
-use crate::model::{LlamaModel, LogitsFor, SeqInput};
+use crate::model::{ForwardPass, LogitsFor, SeqInput};
 use crate::ops::linear::{Kernel, Path, DEQUANT_MIN_ROWS};
 use crate::sampling::Sampler;
 
@@ -237,7 +237,7 @@ impl Scheduler {
     /// whose prompt is fully processed.
     pub fn step(
         &mut self,
-        model: &LlamaModel,
+        model: &mut dyn ForwardPass,
         backend: &dyn AttentionBackend,
         cache: &mut PagedKvCache,
         pool: &mut BlockPool,
@@ -397,7 +397,7 @@ struct StepLogits {
 /// chunk spanning both (a recomputation after preemption) is split, its prompt part running
 /// first.
 fn forward_batch_invariant(
-    model: &LlamaModel,
+    model: &mut dyn ForwardPass,
     backend: &dyn AttentionBackend,
     cache: &mut PagedKvCache,
     running: &[Sequence],
@@ -448,6 +448,6 @@ fn forward_batch_invariant(
     Ok(StepLogits {
         calls,
         rows: last.into_iter().flatten().collect(),
-        vocab: model.spec.vocab_size,
+        vocab: model.spec().vocab_size,
     })
 }

@@ -114,6 +114,16 @@ impl LlamaModel {
         &self.layers
     }
 
+    /// The final RMSNorm's weight.
+    pub fn final_norm(&self) -> &[f32] {
+        &self.final_norm
+    }
+
+    /// The rotary embedding tables the forward pass uses.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
     /// Runs the model on `seqs`, writing their K/V into `cache` and returning logits
     /// (`[rows, vocab]`, rows as `which` says, sequences in order).
     pub fn forward(

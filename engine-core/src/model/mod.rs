@@ -3,6 +3,7 @@
 //! GGUF file or an HF directory's safetensors.
 
 mod llama;
+mod runner;
 mod safetensors;
 mod weights;
 
@@ -11,4 +12,7 @@ pub(crate) mod hf_dir_tests;
 
 pub use self::safetensors::{hf_tensor_name, SafetensorsWeights, SAFETENSORS_INDEX};
 pub use llama::{LlamaLayer, LlamaModel, LogitsFor, SeqInput};
+pub use runner::{
+    device_runner_factory, DeviceRunner, DeviceRunnerRegistration, DeviceRunnerRequest, ForwardPass,
+};
 pub use weights::{load_gguf_llama, load_llama, unpermute_rows, LlamaTensor, WeightSource};

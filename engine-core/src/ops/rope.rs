@@ -38,6 +38,12 @@ impl Rope {
         self.max_pos
     }
 
+    /// The tables as `[max_positions, head_dim / 2]` cosines and sines (for device copies, so
+    /// a device rotates by exactly the same angles).
+    pub fn tables(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotates every head of one token (`x` = `[heads, head_dim]`) for position `pos`.
     pub fn apply(&self, x: &mut [f32], pos: usize) {
         let (c, s) = (

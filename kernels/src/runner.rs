@@ -1,0 +1,661 @@
+//! The Llama forward pass on a CUDA GPU: weights in f16, GEMMs through cuBLAS, the dense ops in
+//! `model.cu`, K/V stored by the store kernel into a [`GpuCache`] (the device copy of
+//! `PagedKvCache`'s layout) and attention by the split-K decode kernel over the same packed
+//! bytes. Prefill attention runs through that decode kernel too: each prompt row is one query
+//! over the first `position + 1` tokens of its sequence (causal), so every codec's
+//! dequantization is the verified one.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use engine_core::cache::PagedKvCache;
+use engine_core::model::{
+    DeviceRunner, DeviceRunnerRegistration, DeviceRunnerRequest, ForwardPass, LlamaModel,
+    LogitsFor, SeqInput,
+};
+use engine_core::ops::linear::Path;
+use engine_core::{AttentionBackend, KvqError, ModelSpec};
+
+use crate::blas::{Blas, GpuMatrix};
+use crate::cache::GpuCache;
+use crate::decode::{decode_attention, DecodeBatch, DecodeWorkspace};
+use crate::device::GpuContext;
+use crate::spec::{check_decode_layout, KernelKind, Specialization};
+use crate::KernelError;
+
+/// Threads per CTA of the row kernels (`NORM_THREADS` in model.cu).
+const ROW_THREADS: u32 = 256;
+
+struct GpuLayer {
+    attn_norm: CudaSlice<f32>,
+    wq: GpuMatrix,
+    wk: GpuMatrix,
+    wv: GpuMatrix,
+    wo: GpuMatrix,
+    ffn_norm: CudaSlice<f32>,
+    w_gate: GpuMatrix,
+    w_up: GpuMatrix,
+    w_down: GpuMatrix,
+}
+
+/// The model's kernels of `model.cu`.
+struct ModelFns {
+    embed: CudaFunction,
+    add_rmsnorm: CudaFunction,
+    add: CudaFunction,
+    rope: CudaFunction,
+    silu_mul: CudaFunction,
+    to_f16: CudaFunction,
+    argmax: CudaFunction,
+}
+
+impl ModelFns {
+    fn load(gpu: &GpuContext) -> Result<Self, KernelError> {
+        let f = |name| gpu.function(KernelKind::Model, &Specialization::MODEL, name);
+        Ok(Self {
+            embed: f("kvq_embed")?,
+            add_rmsnorm: f("kvq_add_rmsnorm")?,
+            add: f("kvq_add")?,
+            rope: f("kvq_rope")?,
+            silu_mul: f("kvq_silu_mul")?,
+            to_f16: f("kvq_to_f16")?,
+            argmax: f("kvq_argmax")?,
+        })
+    }
+}
+
+/// Activation buffers for up to `rows` rows, grown on demand.
+#[derive(Default)]
+struct Acts {
+    rows: usize,
+    bufs: Option<ActBufs>,
+}
+
+struct ActBufs {
+    x: CudaSlice<f32>,
+    o: CudaSlice<f32>,
+    h16: CudaSlice<u16>,
+    q: CudaSlice<f32>,
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    attn: CudaSlice<f32>,
+    gate: CudaSlice<f32>,
+    up: CudaSlice<f32>,
+    ff16: CudaSlice<u16>,
+}
+
+/// The per-step inputs, on the device.
+struct StepInputs {
+    tokens: CudaSlice<i32>,
+    positions: CudaSlice<i32>,
+    slots: CudaSlice<i32>,
+    block_tables: CudaSlice<i32>,
+    context_lens: CudaSlice<i32>,
+    logit_rows: CudaSlice<i32>,
+    rows: usize,
+    out_rows: usize,
+    max_blocks: usize,
+    max_context: usize,
+}
+
+/// A Llama-family model and its KV cache on one GPU.
+pub struct GpuLlama {
+    gpu: Arc<GpuContext>,
+    blas: Blas,
+    spec: ModelSpec,
+    embed: GpuMatrix,
+    lm_head: Option<GpuMatrix>,
+    layers: Vec<GpuLayer>,
+    final_norm: CudaSlice<f32>,
+    rope_cos: CudaSlice<f32>,
+    rope_sin: CudaSlice<f32>,
+    max_positions: usize,
+    fns: ModelFns,
+    cache: Option<GpuCache>,
+    acts: Acts,
+    decode_ws: DecodeWorkspace,
+    logits: Option<CudaSlice<f32>>,
+    argmax: Option<CudaSlice<i32>>,
+}
+
+fn upload<T: DeviceRepr + ValidAsZeroBits>(
+    gpu: &GpuContext,
+    x: &[T],
+    what: &str,
+) -> Result<CudaSlice<T>, KernelError> {
+    if x.is_empty() {
+        return zeros(gpu, 1, what);
+    }
+    gpu.stream()
+        .clone_htod(x)
+        .map_err(|e| KernelError::driver(format!("uploading {what}"), e))
+}
+
+fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+    gpu: &GpuContext,
+    n: usize,
+    what: &str,
+) -> Result<CudaSlice<T>, KernelError> {
+    gpu.stream()
+        .alloc_zeros::<T>(n.max(1))
+        .map_err(|e| KernelError::driver(format!("allocating {what}"), e))
+}
+
+fn grid_for(n: usize) -> u32 {
+    (n as u64).div_ceil(256).clamp(1, 65_535) as u32
+}
+
+fn cfg(grid: u32, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn launched(r: Result<(), cudarc::driver::DriverError>, name: &str) -> Result<(), KernelError> {
+    r.map(|_| ())
+        .map_err(|e| KernelError::driver(format!("launching {name}"), e))
+}
+
+impl GpuLlama {
+    /// Uploads `model`'s weights (dequantized to f32 on the host, stored as f16) and its RoPE
+    /// tables, and compiles the model kernels. The cache comes later ([`GpuLlama::set_cache`]),
+    /// sized from the memory left.
+    pub fn upload(gpu: &Arc<GpuContext>, model: &LlamaModel) -> Result<Self, KernelError> {
+        let s = &model.spec;
+        let m = |l: &engine_core::ops::linear::Linear| {
+            GpuMatrix::upload(gpu, &l.to_f32(), l.out_dim, l.in_dim)
+        };
+        let layers = model
+            .layers()
+            .iter()
+            .map(|l| {
+                Ok(GpuLayer {
+                    attn_norm: upload(gpu, &l.attn_norm, "attention norm")?,
+                    wq: m(&l.wq)?,
+                    wk: m(&l.wk)?,
+                    wv: m(&l.wv)?,
+                    wo: m(&l.wo)?,
+                    ffn_norm: upload(gpu, &l.ffn_norm, "FFN norm")?,
+                    w_gate: m(&l.w_gate)?,
+                    w_up: m(&l.w_up)?,
+                    w_down: m(&l.w_down)?,
+                })
+            })
+            .collect::<Result<Vec<_>, KernelError>>()?;
+        let embed = m(model.embeddings())?;
+        let lm_head = if std::ptr::eq(model.lm_head(), model.embeddings()) {
+            None
+        } else {
+            Some(m(model.lm_head())?)
+        };
+        let (cos, sin) = model.rope().tables();
+        Ok(Self {
+            blas: Blas::new(gpu)?,
+            spec: s.clone(),
+            embed,
+            lm_head,
+            layers,
+            final_norm: upload(gpu, model.final_norm(), "final norm")?,
+            rope_cos: upload(gpu, cos, "RoPE cosines")?,
+            rope_sin: upload(gpu, sin, "RoPE sines")?,
+            max_positions: model.rope().max_positions(),
+            fns: ModelFns::load(gpu)?,
+            cache: None,
+            acts: Acts::default(),
+            decode_ws: DecodeWorkspace::default(),
+            logits: None,
+            argmax: None,
+            gpu: gpu.clone(),
+        })
+    }
+
+    /// Attaches the paged cache the forward passes store into and attend over; checks that
+    /// the decode kernel covers its codec, layout and this model's GQA group.
+    pub fn set_cache(&mut self, cache: GpuCache) -> Result<(), KernelError> {
+        let s = &self.spec;
+        if s.num_kv_heads == 0 || s.num_heads % s.num_kv_heads != 0 {
+            return Err(KernelError::Unsupported(format!(
+                "{} query heads over {} KV heads",
+                s.num_heads, s.num_kv_heads
+            )));
+        }
+        let spec = Specialization {
+            group: s.num_heads / s.num_kv_heads,
+            ..*cache.spec()
+        };
+        spec.check_decode()?;
+        check_decode_layout(&spec, cache.layout())?;
+        if cache.layout().num_layers != self.layers.len()
+            || cache.layout().num_kv_heads != s.num_kv_heads
+            || spec.head_dim_k != s.head_dim_k
+            || spec.head_dim_v != s.head_dim_v
+        {
+            return Err(KernelError::InvalidArgument(format!(
+                "cache of {} layers × {} KV heads (D {}/{}) for a model of {} × {} (D {}/{})",
+                cache.layout().num_layers,
+                cache.layout().num_kv_heads,
+                spec.head_dim_k,
+                spec.head_dim_v,
+                self.layers.len(),
+                s.num_kv_heads,
+                s.head_dim_k,
+                s.head_dim_v
+            )));
+        }
+        self.cache = Some(cache);
+        Ok(())
+    }
+
+    pub fn gpu(&self) -> &Arc<GpuContext> {
+        &self.gpu
+    }
+
+    pub fn cache(&self) -> Option<&GpuCache> {
+        self.cache.as_ref()
+    }
+
+    /// Checks the batch as the CPU forward does and uploads its indices.
+    fn inputs(
+        &self,
+        seqs: &[SeqInput<'_>],
+        which: LogitsFor,
+        cache: &GpuCache,
+    ) -> Result<StepInputs, KvqError> {
+        let s = &self.spec;
+        let bs = cache.layout().block_size;
+        let bad = KvqError::InvalidArgument;
+        let max_blocks = seqs
+            .iter()
+            .map(|q| q.block_table.blocks.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let (mut tokens, mut positions, mut slots) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut tables, mut lens, mut out_rows) = (Vec::new(), Vec::new(), Vec::new());
+        let mut max_context = 0;
+        for seq in seqs {
+            let end = seq.start_pos + seq.tokens.len();
+            if end > self.max_positions {
+                return Err(bad(format!(
+                    "position {end} exceeds the model's context of {} tokens",
+                    self.max_positions
+                )));
+            }
+            let blocks = &seq.block_table.blocks;
+            if end > blocks.len() * bs {
+                return Err(bad(format!(
+                    "{end} tokens need more than the {} blocks reserved",
+                    blocks.len()
+                )));
+            }
+            if let Some(b) = blocks.iter().find(|&&b| b as usize >= cache.num_blocks()) {
+                return Err(bad(format!(
+                    "block {b} outside the device cache of {} blocks",
+                    cache.num_blocks()
+                )));
+            }
+            let mut row_table: Vec<i32> = blocks.iter().map(|&b| b as i32).collect();
+            row_table.resize(max_blocks, 0);
+            for (i, &t) in seq.tokens.iter().enumerate() {
+                if t as usize >= s.vocab_size {
+                    return Err(bad(format!(
+                        "token id {t} outside the vocabulary of {}",
+                        s.vocab_size
+                    )));
+                }
+                let pos = seq.start_pos + i;
+                if which == LogitsFor::AllTokens || i + 1 == seq.tokens.len() {
+                    out_rows.push(tokens.len() as i32);
+                }
+                tokens.push(t as i32);
+                positions.push(pos as i32);
+                slots.push(seq.block_table.slot(pos, bs) as i32);
+                tables.extend_from_slice(&row_table);
+                lens.push(pos as i32 + 1);
+                max_context = max_context.max(pos + 1);
+            }
+        }
+        let g = &*self.gpu;
+        let dev = |e: KernelError| device_error(g, e);
+        Ok(StepInputs {
+            rows: tokens.len(),
+            out_rows: out_rows.len(),
+            tokens: upload(g, &tokens, "tokens").map_err(dev)?,
+            positions: upload(g, &positions, "positions").map_err(dev)?,
+            slots: upload(g, &slots, "slots").map_err(dev)?,
+            block_tables: upload(g, &tables, "block tables").map_err(dev)?,
+            context_lens: upload(g, &lens, "context lengths").map_err(dev)?,
+            logit_rows: upload(g, &out_rows, "logit rows").map_err(dev)?,
+            max_blocks,
+            max_context,
+        })
+    }
+
+    fn ensure_acts(&mut self, rows: usize) -> Result<(), KernelError> {
+        if self.acts.bufs.is_some() && self.acts.rows >= rows {
+            return Ok(());
+        }
+        let s = &self.spec;
+        let n = rows.next_power_of_two().max(16);
+        let g = &*self.gpu;
+        let (hd, ff) = (s.hidden_size, s.intermediate_size);
+        let qd = s.num_heads * s.head_dim_k;
+        let kd = s.num_kv_heads * s.head_dim_k;
+        let vd = s.num_kv_heads * s.head_dim_v;
+        let ad = s.num_heads * s.head_dim_v;
+        let widest = hd.max(ad).max(ff);
+        self.acts.bufs = Some(ActBufs {
+            x: zeros(g, n * hd, "activations")?,
+            o: zeros(g, n * hd, "activations")?,
+            h16: zeros(g, n * widest, "activations")?,
+            q: zeros(g, n * qd, "queries")?,
+            k: zeros(g, n * kd, "keys")?,
+            v: zeros(g, n * vd, "values")?,
+            attn: zeros(g, n * ad, "attention output")?,
+            gate: zeros(g, n * ff, "FFN gate")?,
+            up: zeros(g, n * ff, "FFN up")?,
+            ff16: zeros(g, n * ff, "FFN product")?,
+        });
+        self.acts.rows = n;
+        Ok(())
+    }
+
+    /// The forward pass; logits rows stay on the device in `self.logits`.
+    fn run(&mut self, inp: &StepInputs) -> Result<(), KernelError> {
+        let s = self.spec.clone();
+        let rows = inp.rows;
+        self.ensure_acts(rows)?;
+        let vocab = s.vocab_size;
+        if self
+            .logits
+            .as_ref()
+            .is_none_or(|l| l.len() < inp.out_rows * vocab)
+        {
+            self.logits = Some(zeros(
+                &self.gpu,
+                inp.out_rows.next_power_of_two() * vocab,
+                "logits",
+            )?);
+        }
+        let (hd, ff) = (s.hidden_size, s.intermediate_size);
+        let (heads, kvh, dk) = (s.num_heads, s.num_kv_heads, s.head_dim_k);
+        let eps = s.rms_norm_eps;
+        let stream = self.gpu.stream().clone();
+        let fns = &self.fns;
+        let a = self.acts.bufs.as_mut().expect("allocated");
+        let cache = self.cache.as_mut().ok_or_else(|| {
+            KernelError::InvalidArgument("the GPU model has no cache attached".into())
+        })?;
+        let (hd_i, eps_f) = (hd as i32, eps);
+        {
+            let mut b = stream.launch_builder(&fns.embed);
+            b.arg(&self.embed.data)
+                .arg(&inp.tokens)
+                .arg(&mut a.x)
+                .arg(&hd_i);
+            // SAFETY: matches kvq_embed; `tokens` were checked against the vocabulary.
+            launched(
+                unsafe { b.launch(cfg(rows as u32, ROW_THREADS)) }.map(|_| ()),
+                "kvq_embed",
+            )?;
+        }
+        let null: u64 = 0;
+        let norm = |x: &mut CudaSlice<f32>,
+                    o: &CudaSlice<f32>,
+                    add: i32,
+                    w: &CudaSlice<f32>,
+                    out: &mut CudaSlice<u16>|
+         -> Result<(), KernelError> {
+            let mut b = stream.launch_builder(&fns.add_rmsnorm);
+            b.arg(x)
+                .arg(o)
+                .arg(&add)
+                .arg(&null)
+                .arg(w)
+                .arg(out)
+                .arg(&hd_i)
+                .arg(&eps_f);
+            // SAFETY: matches kvq_add_rmsnorm; every buffer holds ≥ rows × hidden values.
+            launched(
+                unsafe { b.launch(cfg(rows as u32, ROW_THREADS)) }.map(|_| ()),
+                "kvq_add_rmsnorm",
+            )
+        };
+        let n_elems = |n: usize| n as i64;
+        let scale = 1.0 / (dk as f32).sqrt();
+        for (l, layer) in self.layers.iter().enumerate() {
+            if l == 0 {
+                norm(&mut a.x, &a.o, 0, &layer.attn_norm, &mut a.h16)?;
+            } else {
+                norm(&mut a.x, &a.o, 1, &layer.attn_norm, &mut a.h16)?;
+            }
+            self.blas.linear(&a.h16, &layer.wq, &mut a.q, rows)?;
+            self.blas.linear(&a.h16, &layer.wk, &mut a.k, rows)?;
+            self.blas.linear(&a.h16, &layer.wv, &mut a.v, rows)?;
+            {
+                let (h_i, kv_i, half_i) = (heads as i32, kvh as i32, (dk / 2) as i32);
+                let mut b = stream.launch_builder(&fns.rope);
+                b.arg(&mut a.q)
+                    .arg(&mut a.k)
+                    .arg(&inp.positions)
+                    .arg(&self.rope_cos)
+                    .arg(&self.rope_sin)
+                    .arg(&h_i)
+                    .arg(&kv_i)
+                    .arg(&half_i);
+                // SAFETY: matches kvq_rope; positions were checked against the tables.
+                launched(
+                    unsafe { b.launch(cfg(rows as u32, ROW_THREADS)) }.map(|_| ()),
+                    "kvq_rope",
+                )?;
+            }
+            cache.store(l, &a.k, &a.v, &inp.slots, rows)?;
+            let batch = DecodeBatch {
+                q: &a.q,
+                block_tables: &inp.block_tables,
+                max_blocks: inp.max_blocks,
+                context_lens: &inp.context_lens,
+                batch: rows,
+                max_context: inp.max_context,
+                num_heads: heads,
+                scale,
+            };
+            decode_attention(cache, l, &batch, &mut a.attn, &mut self.decode_ws)?;
+            {
+                let n = n_elems(rows * heads * s.head_dim_v);
+                let mut b = stream.launch_builder(&fns.to_f16);
+                b.arg(&a.attn).arg(&mut a.h16).arg(&n);
+                // SAFETY: matches kvq_to_f16; both buffers hold ≥ n values.
+                launched(
+                    unsafe { b.launch(cfg(grid_for(n as usize), 256)) }.map(|_| ()),
+                    "kvq_to_f16",
+                )?;
+            }
+            self.blas.linear(&a.h16, &layer.wo, &mut a.o, rows)?;
+            norm(&mut a.x, &a.o, 1, &layer.ffn_norm, &mut a.h16)?;
+            self.blas.linear(&a.h16, &layer.w_gate, &mut a.gate, rows)?;
+            self.blas.linear(&a.h16, &layer.w_up, &mut a.up, rows)?;
+            {
+                let n = n_elems(rows * ff);
+                let mut b = stream.launch_builder(&fns.silu_mul);
+                b.arg(&a.gate).arg(&a.up).arg(&mut a.ff16).arg(&n);
+                // SAFETY: matches kvq_silu_mul; all three buffers hold ≥ n values.
+                launched(
+                    unsafe { b.launch(cfg(grid_for(n as usize), 256)) }.map(|_| ()),
+                    "kvq_silu_mul",
+                )?;
+            }
+            self.blas.linear(&a.ff16, &layer.w_down, &mut a.o, rows)?;
+        }
+        {
+            let n = n_elems(rows * hd);
+            let mut b = stream.launch_builder(&fns.add);
+            b.arg(&mut a.x).arg(&a.o).arg(&n);
+            // SAFETY: matches kvq_add; both buffers hold ≥ n values.
+            launched(
+                unsafe { b.launch(cfg(grid_for(n as usize), 256)) }.map(|_| ()),
+                "kvq_add",
+            )?;
+        }
+        {
+            let zero = 0i32;
+            let mut b = stream.launch_builder(&fns.add_rmsnorm);
+            b.arg(&mut a.x)
+                .arg(&a.o)
+                .arg(&zero)
+                .arg(&inp.logit_rows)
+                .arg(&self.final_norm)
+                .arg(&mut a.h16)
+                .arg(&hd_i)
+                .arg(&eps_f);
+            // SAFETY: matches kvq_add_rmsnorm; logit_rows index rows < rows.
+            launched(
+                unsafe { b.launch(cfg(inp.out_rows as u32, ROW_THREADS)) }.map(|_| ()),
+                "kvq_add_rmsnorm",
+            )?;
+        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let logits = self.logits.as_mut().expect("allocated");
+        self.blas.linear(&a.h16, head, logits, inp.out_rows)?;
+        Ok(())
+    }
+
+    /// Logits rows (`[rows, vocab]`, rows as `which` says) of `seqs`, storing their K/V.
+    pub fn forward(
+        &mut self,
+        seqs: &[SeqInput<'_>],
+        which: LogitsFor,
+    ) -> Result<Vec<f32>, KvqError> {
+        let g = self.gpu.clone();
+        g.context()
+            .bind_to_thread()
+            .map_err(|e| device_error(&g, KernelError::driver("binding the context", e)))?;
+        let cache = self
+            .cache
+            .as_ref()
+            .ok_or_else(|| KvqError::InvalidArgument("the GPU model has no cache".into()))?;
+        let inp = self.inputs(seqs, which, cache)?;
+        if inp.rows == 0 {
+            return Ok(Vec::new());
+        }
+        self.run(&inp).map_err(|e| device_error(&g, e))?;
+        let n = inp.out_rows * self.spec.vocab_size;
+        let logits = self.logits.as_ref().expect("allocated");
+        let mut host = g
+            .stream()
+            .clone_dtoh(&logits.slice(..n))
+            .map_err(|e| device_error(&g, KernelError::driver("downloading logits", e)))?;
+        host.truncate(n);
+        Ok(host)
+    }
+
+    /// Greedy tokens (first index of the largest logit) of the rows of the last forward pass,
+    /// computed on the device.
+    pub fn argmax_last(&mut self, rows: usize) -> Result<Vec<u32>, KvqError> {
+        let g = self.gpu.clone();
+        let vocab = self.spec.vocab_size;
+        let run = |me: &mut Self| -> Result<Vec<u32>, KernelError> {
+            let logits = me
+                .logits
+                .as_ref()
+                .filter(|l| l.len() >= rows * vocab)
+                .ok_or_else(|| {
+                    KernelError::InvalidArgument(format!("no logits for {rows} rows"))
+                })?;
+            if me.argmax.as_ref().is_none_or(|a| a.len() < rows) {
+                me.argmax = Some(zeros(&g, rows.next_power_of_two(), "argmax")?);
+            }
+            let out = me.argmax.as_mut().expect("allocated");
+            let v = vocab as i32;
+            let stream = g.stream().clone();
+            let mut b = stream.launch_builder(&me.fns.argmax);
+            b.arg(logits).arg(&v).arg(&mut *out);
+            // SAFETY: matches kvq_argmax; `logits` holds ≥ rows × vocab values, `out` ≥ rows.
+            launched(
+                unsafe { b.launch(cfg(rows as u32, ROW_THREADS)) }.map(|_| ()),
+                "kvq_argmax",
+            )?;
+            let ids = stream
+                .clone_dtoh(&out.slice(..rows))
+                .map_err(|e| KernelError::driver("downloading argmax", e))?;
+            Ok(ids.into_iter().map(|i| i as u32).collect())
+        };
+        run(self).map_err(|e| device_error(&g, e))
+    }
+}
+
+fn device_error(gpu: &GpuContext, e: KernelError) -> KvqError {
+    KvqError::Device {
+        device: gpu.name(),
+        reason: e.to_string(),
+    }
+}
+
+impl ForwardPass for GpuLlama {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn forward_with(
+        &mut self,
+        _backend: &dyn AttentionBackend,
+        cache: &mut PagedKvCache,
+        seqs: &[SeqInput<'_>],
+        which: LogitsFor,
+        _layers: Path,
+        _head: Path,
+    ) -> Result<Vec<f32>, KvqError> {
+        let gpu_bs = self.cache.as_ref().map(|c| c.layout().block_size);
+        if gpu_bs != Some(cache.block_size()) {
+            return Err(KvqError::InvalidArgument(format!(
+                "host cache block size {} differs from the device cache's {gpu_bs:?}",
+                cache.block_size()
+            )));
+        }
+        self.forward(seqs, which)
+    }
+}
+
+/// Builds the CUDA runner for the engine: uploads the weights, plans the cache from the device
+/// memory then free, allocates it.
+pub fn build_cuda_runner(req: DeviceRunnerRequest<'_>) -> Result<DeviceRunner, KvqError> {
+    let name = format!("cuda:{}", req.ordinal);
+    let dev = |e: KernelError| KvqError::Device {
+        device: name.clone(),
+        reason: e.to_string(),
+    };
+    let gpu = GpuContext::new(req.ordinal).map_err(dev)?;
+    let mut model = GpuLlama::upload(&gpu, req.model).map_err(dev)?;
+    gpu.synchronize().map_err(dev)?;
+    let (free, _total) = gpu
+        .context()
+        .mem_get_info()
+        .map_err(|e| dev(KernelError::driver("querying free memory", e)))?;
+    let plan = (req.plan)(free as u64)?;
+    let dtype = req.config.engine.dtype.resolve(req.model.spec.dtype);
+    let cache = GpuCache::new(
+        &gpu,
+        req.resolved.layout.clone(),
+        req.resolved.codec.as_ref(),
+        dtype,
+        plan.num_blocks,
+    )
+    .map_err(dev)?;
+    model.set_cache(cache).map_err(dev)?;
+    Ok(DeviceRunner {
+        runner: Box::new(model),
+        plan,
+        device_name: format!("{} ({name})", gpu.name()),
+    })
+}
+
+inventory::submit! {
+    DeviceRunnerRegistration {
+        device: "cuda",
+        build: build_cuda_runner,
+    }
+}

@@ -1,0 +1,419 @@
+//! The CUDA model runner against the CPU model: the same sequences (prompt chunks, then decode
+//! steps fed the CPU's greedy tokens) through both, per backend and policy, logits compared row
+//! by row: top-1 agreement and KL(CPU ‖ GPU).
+
+use engine_core::cache::{BlockPool, BlockTable, PagedKvCache};
+use engine_core::config::QuantPolicy;
+use engine_core::engine::Engine;
+use engine_core::model::{DeviceRunnerRequest, LlamaLayer, LlamaModel, LogitsFor, SeqInput};
+use engine_core::ops::linear::Linear;
+use engine_core::ops::log_softmax;
+use engine_core::plan::ResolvedConfig;
+use engine_core::testing::{fresh_seed, gaussian, rng};
+use engine_core::{AttentionKind, EngineConfig, KvDtype, ModelSpec};
+use kernels::runner::{build_cuda_runner, GpuLlama};
+
+/// SmolLM2-135M's shape with `layers` layers.
+fn smollm2_shape(layers: usize) -> ModelSpec {
+    ModelSpec {
+        architecture: "llama".into(),
+        num_layers: layers,
+        num_heads: 9,
+        num_kv_heads: 3,
+        head_dim_k: 64,
+        head_dim_v: 64,
+        hidden_size: 576,
+        intermediate_size: 1536,
+        vocab_size: 49152,
+        max_position_embeddings: 8192,
+        rope_theta: 100000.0,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: true,
+        attention: AttentionKind::Mha,
+        dtype: KvDtype::F16,
+    }
+}
+
+/// Random weights: matrices N(0, 1/in), norms near 1, a tied N(0, 0.15²) embedding.
+fn random_model(spec: &ModelSpec, seed: u64) -> LlamaModel {
+    let mut r = rng(seed);
+    let mut lin = |out: usize, inp: usize| {
+        let s = 1.0 / (inp as f32).sqrt();
+        Linear::new(
+            gaussian(&mut r, out * inp)
+                .into_iter()
+                .map(|x| x * s)
+                .collect(),
+            out,
+            inp,
+        )
+    };
+    let (hd, ff) = (spec.hidden_size, spec.intermediate_size);
+    let (qd, kd) = (
+        spec.num_heads * spec.head_dim_k,
+        spec.num_kv_heads * spec.head_dim_k,
+    );
+    let layers: Vec<LlamaLayer> = (0..spec.num_layers)
+        .map(|_| LlamaLayer {
+            attn_norm: vec![1.0; hd],
+            wq: lin(qd, hd),
+            wk: lin(kd, hd),
+            wv: lin(kd, hd),
+            wo: lin(hd, qd),
+            ffn_norm: vec![1.0; hd],
+            w_gate: lin(ff, hd),
+            w_up: lin(ff, hd),
+            w_down: lin(hd, ff),
+        })
+        .collect();
+    let mut r = rng(seed ^ 0x5eed);
+    // Logits of std ≈ 4, so the distributions are peaked but KL divergence is not vacuous.
+    let embed = gaussian(&mut r, spec.vocab_size * hd)
+        .into_iter()
+        .map(|x| 0.15 * x)
+        .collect();
+    let norm: Vec<f32> = gaussian(&mut r, hd).iter().map(|x| 1.0 + 0.1 * x).collect();
+    LlamaModel::new(spec.clone(), embed, layers, norm, None)
+}
+
+fn config(backend: &str, policy: u32, device: &str) -> EngineConfig {
+    let mut c = EngineConfig::default();
+    c.engine.backend = backend.into();
+    c.engine.quant_policy = QuantPolicy::Number(policy as i64);
+    c.engine.device = device.into();
+    c
+}
+
+/// Every backend × policy with a GPU kernel.
+fn configs() -> Vec<(&'static str, u32)> {
+    let mut v = Vec::new();
+    for (b, ps) in [
+        ("pytorch", &[0u32, 8, 4, 42][..]),
+        ("turbomind", &[0, 8, 4][..]),
+    ] {
+        for &p in ps {
+            v.push((b, p));
+        }
+    }
+    v
+}
+
+/// Top-1 agreement and mean KL(reference ‖ other) of `[rows, vocab]` logits.
+fn compare(reference: &[f32], other: &[f32], vocab: usize) -> (f64, f64) {
+    assert_eq!(reference.len(), other.len(), "logit counts");
+    assert!(other.iter().all(|x| x.is_finite()), "non-finite logits");
+    let argmax = |x: &[f32]| {
+        x.iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+            )
+            .0
+    };
+    let (mut agree, mut kld) = (0usize, 0f64);
+    let rows = reference.len() / vocab;
+    for (c, g) in reference.chunks_exact(vocab).zip(other.chunks_exact(vocab)) {
+        agree += (argmax(c) == argmax(g)) as usize;
+        let (lc, lg) = (log_softmax(c), log_softmax(g));
+        let k: f64 = lc.iter().zip(&lg).map(|(&p, &q)| p.exp() * (p - q)).sum();
+        kld += k.max(0.0);
+    }
+    (agree as f64 / rows as f64, kld / rows as f64)
+}
+
+/// Runs `seqs` teacher-forced through the CPU model and the GPU runner of `cfg`: the first
+/// `prompt` tokens of each as one prefill chunk (every row's logits), then the rest one decode
+/// step at a time. Returns the (CPU, GPU) logits of every position.
+fn run_case(
+    model: &LlamaModel,
+    cfg: &EngineConfig,
+    seqs: &[Vec<u32>],
+    prompt: &[usize],
+) -> (Vec<f32>, Vec<f32>) {
+    let spec = &model.spec;
+    let r = ResolvedConfig::new(spec, cfg).unwrap_or_else(|e| panic!("{e}"));
+    let bs = cfg.engine.block_size;
+    let per_seq = BlockTable::blocks_for(seqs.iter().map(Vec::len).max().unwrap(), bs);
+    let blocks = per_seq * seqs.len() + 1;
+    let mut cpu_cache = PagedKvCache::new(r.layout.clone(), r.codec.clone(), blocks);
+    let mut host_stub = PagedKvCache::new(r.layout.clone(), r.codec.clone(), 0);
+    let block_bytes = r.layout.block_bytes() as u64;
+    let mut dev = build_cuda_runner(DeviceRunnerRequest {
+        model,
+        resolved: &r,
+        config: cfg,
+        ordinal: 0,
+        plan: &|_| Ok(r.plan_exact(blocks as u64 * block_bytes)),
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut pool = BlockPool::new(blocks);
+    let mut tables: Vec<BlockTable> = seqs
+        .iter()
+        .map(|_| {
+            let mut t = BlockTable::default();
+            t.reserve(&mut pool, per_seq * bs, bs).unwrap();
+            t
+        })
+        .collect();
+    // The later sequences' blocks first, so no table starts at block 0.
+    tables.reverse();
+    let steps = seqs
+        .iter()
+        .zip(prompt)
+        .map(|(s, &p)| s.len() - p)
+        .max()
+        .unwrap();
+    let (mut cpu_all, mut gpu_all) = (Vec::new(), Vec::new());
+    for step in 0..=steps {
+        let (which, inputs): (LogitsFor, Vec<SeqInput<'_>>) = if step == 0 {
+            let inputs = seqs
+                .iter()
+                .zip(prompt)
+                .zip(&tables)
+                .map(|((s, &p), tb)| SeqInput {
+                    tokens: &s[..p],
+                    start_pos: 0,
+                    block_table: tb,
+                })
+                .collect();
+            (LogitsFor::AllTokens, inputs)
+        } else {
+            let inputs = seqs
+                .iter()
+                .zip(prompt)
+                .zip(&tables)
+                .filter(|((s, &p), _)| p + step <= s.len())
+                .map(|((s, &p), tb)| SeqInput {
+                    tokens: &s[p + step - 1..p + step],
+                    start_pos: p + step - 1,
+                    block_table: tb,
+                })
+                .collect();
+            (LogitsFor::LastToken, inputs)
+        };
+        let cpu = model
+            .forward(r.backend.as_ref(), &mut cpu_cache, &inputs, which)
+            .unwrap();
+        let mut gpu = vec![f32::NAN; cpu.len()];
+        gpu.copy_from_slice(
+            &dev.runner
+                .forward_with(
+                    r.backend.as_ref(),
+                    &mut host_stub,
+                    &inputs,
+                    which,
+                    engine_core::ops::linear::Path::Auto,
+                    engine_core::ops::linear::Path::Auto,
+                )
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+        cpu_all.extend(cpu);
+        gpu_all.extend(gpu);
+    }
+    (cpu_all, gpu_all)
+}
+
+/// Per backend and policy: the GPU model against the CPU model with the same policy (top-1
+/// agreement ≥ 99.5 %, mean KLD ≤ 1e-3), and both against the CPU fp16 cache. A quantized
+/// cache turns tiny input differences (f16 GEMMs against f32) into whole-step code flips, so
+/// where the direct bound fails the GPU must still be as accurate as the CPU against fp16:
+/// mean KLD within 1.25× (+ 1e-3) and top-1 agreement within 6 points (about two standard
+/// errors of a top-1 rate near 75 % over 300 positions).
+fn check_model(label: &str, model: &LlamaModel, seqs: &[Vec<u32>], prompt: &[usize]) {
+    let vocab = model.spec.vocab_size;
+    let mut failures = Vec::new();
+    for (backend, policies) in [
+        ("pytorch", &[0u32, 8, 4, 42][..]),
+        ("turbomind", &[0, 8, 4][..]),
+    ] {
+        let mut reference = None;
+        for &policy in policies {
+            let t0 = std::time::Instant::now();
+            let (cpu, gpu) = run_case(model, &config(backend, policy, "cuda"), seqs, prompt);
+            let reference: &Vec<f32> = reference.get_or_insert(cpu.clone());
+            let (top1, kld) = compare(&cpu, &gpu, vocab);
+            let (cpu_top1, cpu_kld) = compare(reference, &cpu, vocab);
+            let (gpu_top1, gpu_kld) = compare(reference, &gpu, vocab);
+            eprintln!(
+                "{label} {backend}:{policy}: {} positions; GPU vs CPU: top-1 {:.2}%, mean KLD {kld:.2e}; \
+                 vs CPU fp16: CPU top-1 {:.2}% KLD {cpu_kld:.2e}, GPU top-1 {:.2}% KLD {gpu_kld:.2e} ({:.1} s)",
+                cpu.len() / vocab,
+                100.0 * top1,
+                100.0 * cpu_top1,
+                100.0 * gpu_top1,
+                t0.elapsed().as_secs_f64()
+            );
+            let direct = top1 >= 0.995 && kld <= 1e-3;
+            let as_accurate =
+                policy != 0 && gpu_kld <= 1.25 * cpu_kld + 1e-3 && gpu_top1 >= cpu_top1 - 0.06;
+            if !(direct || as_accurate) || !kld.is_finite() {
+                failures.push(format!(
+                    "{label} {backend}:{policy}: top-1 {top1:.4}, mean KLD {kld:.2e}"
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "GPU model disagrees with the CPU model:\n{}",
+        failures.join("\n")
+    );
+}
+
+fn random_prompts(seed: u64, lens: &[usize], vocab: usize) -> Vec<Vec<u32>> {
+    use rand::Rng;
+    let mut r = rng(seed);
+    lens.iter()
+        .map(|&n| (0..n).map(|_| r.random_range(0..vocab as u32)).collect())
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_model_matches_cpu_model_random_weights() {
+    let seed = fresh_seed("gpu_model_random");
+    let spec = smollm2_shape(4);
+    let model = random_model(&spec, seed);
+    let seqs = random_prompts(seed ^ 1, &[198, 118], spec.vocab_size);
+    check_model("random 4-layer", &model, &seqs, &[150, 70]);
+}
+
+/// The test model: `models/…gguf` under the working directory (a copied tree) or the source's.
+fn smollm2_path() -> Option<std::path::PathBuf> {
+    let local = std::path::PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if local.is_file() {
+        return Some(local);
+    }
+    engine_core::testing::default_model()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_model_matches_cpu_model_smollm2() {
+    let Some(path) = smollm2_path() else { return };
+    let (_, model, tok) = engine_core::engine::load_model(&path, &mut |_| {}).unwrap();
+    let text = std::fs::read_to_string("texts/gpl-3.0.txt")
+        .or_else(|_| {
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../texts/gpl-3.0.txt"))
+        })
+        .expect("texts/gpl-3.0.txt");
+    let all = tok.encode(&text, false).unwrap();
+    let seqs = vec![all[..198].to_vec(), all[3000..3118].to_vec()];
+    check_model("SmolLM2-135M Q4_1", &model, &seqs, &[150, 70]);
+}
+
+/// The engine on the GPU: loads with `device = "cuda"`, generates greedily for a batch on every
+/// policy, and with the fp16 cache its tokens start as the CPU engine's.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn engine_generates_on_the_gpu() {
+    use engine_core::engine::Request;
+    use engine_core::sampling::SamplingParams;
+    let Some(path) = smollm2_path() else { return };
+    for (backend, policy) in configs() {
+        let mut outs = Vec::new();
+        for device in ["cpu", "cuda"] {
+            let mut c = config(backend, policy, device);
+            c.model.path = path.display().to_string();
+            c.engine.cache_memory_gib = Some(0.25);
+            let mut e = Engine::load(&c, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
+            if device == "cuda" {
+                assert_ne!(e.device_name(), "cpu");
+            }
+            let reqs: Vec<Request> = [
+                "What is the capital of France?",
+                "Write a haiku about rain.",
+                "List three prime numbers.",
+            ]
+            .iter()
+            .map(|p| {
+                let params = SamplingParams {
+                    max_new_tokens: 24,
+                    ignore_eos: true,
+                    ..SamplingParams::default()
+                };
+                Request {
+                    prompt: e.tokenizer.encode(p, true).unwrap(),
+                    params,
+                    stop_ids: Vec::new(),
+                    stop: Vec::new(),
+                }
+            })
+            .collect();
+            let o = e
+                .generate(reqs, &mut |_| {})
+                .unwrap_or_else(|e| panic!("{e}"));
+            outs.push(o);
+        }
+        let (cpu, gpu) = (&outs[0], &outs[1]);
+        for (i, (c, g)) in cpu.iter().zip(gpu).enumerate() {
+            assert_eq!(g.completion_tokens, 24, "{backend}:{policy} request {i}");
+            let same = c
+                .token_ids
+                .iter()
+                .zip(&g.token_ids)
+                .take_while(|(a, b)| a == b)
+                .count();
+            eprintln!(
+                "engine {backend}:{policy} request {i}: {} CPU / {} GPU tokens, first {same} identical; GPU: {:?}",
+                c.token_ids.len(),
+                g.token_ids.len(),
+                g.text
+            );
+            // With the fp16 cache greedy decoding follows the CPU's; a quantized cache may
+            // flip a near-tie (see `check_model`).
+            if policy == 0 {
+                assert!(
+                    same >= 8,
+                    "{backend}:0 request {i}: GPU tokens diverge from the CPU's at {same}"
+                );
+            }
+        }
+    }
+}
+
+/// The device argmax matches the host argmax of the same logits.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn device_argmax_matches_host() {
+    let seed = fresh_seed("gpu_argmax");
+    let spec = smollm2_shape(1);
+    let model = random_model(&spec, seed);
+    let cfg = config("pytorch", 0, "cuda");
+    let r = ResolvedConfig::new(&spec, &cfg).unwrap();
+    let gpu = kernels::device::GpuContext::new(0).unwrap();
+    let mut m = GpuLlama::upload(&gpu, &model).unwrap();
+    let cache =
+        kernels::cache::GpuCache::new(&gpu, r.layout.clone(), r.codec.as_ref(), KvDtype::F16, 8)
+            .unwrap();
+    m.set_cache(cache).unwrap();
+    let prompts = random_prompts(seed, &[40, 7, 90], spec.vocab_size);
+    let mut pool = BlockPool::new(8);
+    let tables: Vec<BlockTable> = prompts
+        .iter()
+        .map(|p| {
+            let mut t = BlockTable::default();
+            t.reserve(&mut pool, p.len(), 64).unwrap();
+            t
+        })
+        .collect();
+    let seqs: Vec<SeqInput<'_>> = prompts
+        .iter()
+        .zip(&tables)
+        .map(|(p, t)| SeqInput {
+            tokens: p,
+            start_pos: 0,
+            block_table: t,
+        })
+        .collect();
+    let logits = m.forward(&seqs, LogitsFor::AllTokens).unwrap();
+    let rows = logits.len() / spec.vocab_size;
+    assert_eq!(rows, 137);
+    let ids = m.argmax_last(rows).unwrap();
+    for (i, row) in logits.chunks_exact(spec.vocab_size).enumerate() {
+        let best = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let first = row.iter().position(|&x| x == best).unwrap() as u32;
+        assert_eq!(ids[i], first, "row {i}");
+    }
+}
