@@ -49,6 +49,8 @@ pub struct EngineInfo {
     pub token_capacity: usize,
     pub ratio_to_fp16: f64,
     pub vocab_size: usize,
+    /// Draft tokens verified per decoding request and step (n-gram speculation); 0 is off.
+    pub num_speculative_tokens: usize,
     /// [`Engine::summary`]: the plan in one line, for logs.
     pub summary: String,
 }
@@ -65,6 +67,7 @@ impl EngineInfo {
             token_capacity: engine.plan.token_capacity,
             ratio_to_fp16: engine.plan.ratio_to_fp16,
             vocab_size: engine.spec.vocab_size,
+            num_speculative_tokens: engine.limits().num_speculative_tokens,
             summary: engine.summary(),
         }
     }
@@ -79,6 +82,10 @@ pub struct EngineStats {
     pub waiting: usize,
     /// Preemptions since start (a running request's blocks freed for recomputation).
     pub preemptions: u64,
+    /// Speculative draft tokens scored since start.
+    pub spec_drafted: u64,
+    /// Of those, drafts kept.
+    pub spec_accepted: u64,
     /// False once the engine thread has stopped.
     pub alive: bool,
 }
@@ -116,6 +123,8 @@ struct Shared {
     running: AtomicUsize,
     waiting: AtomicUsize,
     preemptions: AtomicU64,
+    spec_drafted: AtomicU64,
+    spec_accepted: AtomicU64,
     alive: AtomicBool,
 }
 
@@ -127,6 +136,9 @@ impl Shared {
         self.waiting.store(engine.num_waiting(), Ordering::Relaxed);
         self.preemptions
             .store(engine.preemptions(), Ordering::Relaxed);
+        let spec = engine.speculation();
+        self.spec_drafted.store(spec.drafted, Ordering::Relaxed);
+        self.spec_accepted.store(spec.accepted, Ordering::Relaxed);
     }
 }
 
@@ -161,6 +173,8 @@ impl EngineHandle {
             running: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             preemptions: AtomicU64::new(0),
+            spec_drafted: AtomicU64::new(0),
+            spec_accepted: AtomicU64::new(0),
             alive: AtomicBool::new(true),
         });
         let (commands, rx) = mpsc::channel();
@@ -191,6 +205,8 @@ impl EngineHandle {
             running: s.running.load(Ordering::Relaxed),
             waiting: s.waiting.load(Ordering::Relaxed),
             preemptions: s.preemptions.load(Ordering::Relaxed),
+            spec_drafted: s.spec_drafted.load(Ordering::Relaxed),
+            spec_accepted: s.spec_accepted.load(Ordering::Relaxed),
             alive: s.alive.load(Ordering::Relaxed),
         }
     }

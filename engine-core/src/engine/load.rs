@@ -32,8 +32,29 @@ pub struct Engine {
     pub plan: MemoryPlan,
     cache: PagedKvCache,
     pool: BlockPool,
-    sched: Scheduler,
+    pub(super) sched: Scheduler,
     preempted: u64,
+    speculation: SpeculationStats,
+}
+
+/// Speculative decoding's counters since loading.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SpeculationStats {
+    /// Draft tokens scored.
+    pub drafted: u64,
+    /// Drafts kept (equal to the token the sampler picked at their position).
+    pub accepted: u64,
+}
+
+impl SpeculationStats {
+    /// `accepted / drafted`, or 0 before any draft.
+    pub fn acceptance_rate(&self) -> f64 {
+        if self.drafted == 0 {
+            0.0
+        } else {
+            self.accepted as f64 / self.drafted as f64
+        }
+    }
 }
 
 /// Prompt tokens one step processes over all sequences (chunked prefill), so a long prompt
@@ -170,6 +191,10 @@ impl Engine {
                 .min(spec.max_position_embeddings)
                 .min(plan.num_blocks * cache.block_size()),
             max_prefill_tokens: DEFAULT_MAX_PREFILL_TOKENS,
+            num_speculative_tokens: config
+                .speculative
+                .as_ref()
+                .map_or(0, |s| s.num_speculative_tokens),
         };
         let sched = Scheduler::new(limits, tokenizer.eos_id());
         Self {
@@ -183,6 +208,7 @@ impl Engine {
             pool,
             sched,
             preempted: 0,
+            speculation: SpeculationStats::default(),
         }
     }
 
@@ -211,6 +237,19 @@ impl Engine {
     /// model's context and the cache's token capacity.
     pub fn limits(&self) -> SchedulerLimits {
         *self.sched.limits()
+    }
+
+    /// Changes the draft tokens verified per decoding sequence and step (n-gram
+    /// speculation); 0 turns speculation off. Applies from the next step.
+    pub fn set_num_speculative_tokens(&mut self, n: usize) {
+        let mut limits = self.limits();
+        limits.num_speculative_tokens = n;
+        self.sched.set_limits(limits);
+    }
+
+    /// Speculative decoding's draft and acceptance counts since loading.
+    pub fn speculation(&self) -> SpeculationStats {
+        self.speculation
     }
 
     /// Changes the prompt tokens processed per step (chunked prefill); at least 1.
@@ -274,6 +313,8 @@ impl Engine {
             events,
         )?;
         self.preempted += stats.preempted as u64;
+        self.speculation.drafted += stats.drafted as u64;
+        self.speculation.accepted += stats.accepted as u64;
         Ok(stats)
     }
 

@@ -5,6 +5,7 @@
 mod detok;
 mod handle;
 mod load;
+mod ngram;
 mod request;
 mod scheduler;
 mod stop;
@@ -17,7 +18,11 @@ pub use handle::{
     AsyncEngine, EngineEvent, EngineHandle, EngineInfo, EngineStats, EventResult, EventStream,
     RequestStream,
 };
-pub use load::{available_memory_bytes, load_model, Engine, LoadStage, DEFAULT_MAX_PREFILL_TOKENS};
+pub use load::{
+    available_memory_bytes, load_model, Engine, LoadStage, SpeculationStats,
+    DEFAULT_MAX_PREFILL_TOKENS,
+};
+pub use ngram::{propose as propose_ngram_draft, MAX_NGRAM, MIN_NGRAM};
 pub use request::{FinishReason, GenerationOutput, Request, TokenEvent};
 pub use scheduler::{Scheduler, SchedulerLimits, StepStats};
 pub use stop::StopMatcher;
