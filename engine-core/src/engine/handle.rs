@@ -344,6 +344,9 @@ fn run(mut engine: Engine, commands: Receiver<Command>, shared: Arc<Shared>) {
         events.clear();
         match engine.step(&mut events) {
             Ok(_) => {
+                // Counters first, so a caller that sees its request finish reads them
+                // including this step.
+                shared.publish(&engine);
                 for e in events.drain(..) {
                     let id = e.request;
                     if let Some(tx) = streams.get(&id) {
