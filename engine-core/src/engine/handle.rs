@@ -41,6 +41,8 @@ pub type EventStream = Pin<Box<dyn Stream<Item = EventResult> + Send>>;
 pub struct EngineInfo {
     pub backend: String,
     pub codec: String,
+    /// The codec's LMDeploy policy number (none for a registered codec).
+    pub policy: Option<u32>,
     /// Most tokens (prompt + generated) of one request.
     pub session_len: usize,
     pub max_batch_size: usize,
@@ -60,6 +62,7 @@ impl EngineInfo {
         Self {
             backend: engine.resolved.backend.name().to_string(),
             codec: engine.resolved.codec.name().to_string(),
+            policy: engine.resolved.codec.policy(),
             session_len: engine.limits().session_len,
             max_batch_size: engine.limits().max_batch_size,
             num_blocks: engine.plan.num_blocks,
