@@ -149,4 +149,66 @@ fn bad_arguments_are_refused() {
     assert!(!out.status.success());
     let out = bench(&["--configs", "pytorch"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("BACKEND:POLICY"));
+    if model().is_some() {
+        // Refused before any configuration runs.
+        let out = bench(&[
+            "--configs",
+            "pytorch:0,pytorch:42",
+            "--speculative-num-draft-tokens",
+            "2",
+        ]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("pytorch:42") && err.contains("speculative"),
+            "{err}"
+        );
+        assert!(!err.contains("pytorch:0:"), "nothing ran: {err}");
+    }
+}
+
+#[test]
+fn random_weights_of_a_shape_run_and_a_shape_too_big_is_refused() {
+    let out = bench(&[
+        "--model-shape",
+        "smollm2-135m",
+        "--random-weights",
+        "--configs",
+        "turbomind:4",
+        "--num-prompts",
+        "3",
+        "--length-scale",
+        "0.03",
+        "--session-len",
+        "128",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert!(
+        j["model"].as_str().unwrap().contains("random weights"),
+        "{j}"
+    );
+    check_row(&j["configs"][0], 3);
+    // Llama 3 8B's f32 weights (29.9 GiB) are refused here unless the machine has the
+    // memory for them.
+    let available = kvq::engine::available_memory_bytes();
+    if available / 4 * 3 < 32_200_000_000 {
+        let out = bench(&["--model-shape", "llama3-8b", "--random-weights"]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("29.9 GiB") && err.contains("--model-shape"),
+            "{err}"
+        );
+    }
+    let out = bench(&["--model-shape", "llama3-8b"]);
+    assert!(
+        !out.status.success(),
+        "--model-shape needs --random-weights"
+    );
 }

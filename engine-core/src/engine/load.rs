@@ -160,12 +160,32 @@ impl Engine {
             ResolvedConfig::new(&ModelSpec::from_path(path)?, config)?;
         }
         let (spec, model, tokenizer) = load_model(path, progress)?;
-        let resolved = ResolvedConfig::new(&spec, config)?;
         progress(LoadStage::AllocatingCache);
-        let plan = plan_cpu_cache(&resolved, config)?;
-        let engine = Self::from_parts(config.clone(), spec, model, tokenizer, resolved, plan);
+        let engine = Self::from_model(config, spec, model, tokenizer)?;
         progress(LoadStage::Ready);
         Ok(engine)
+    }
+
+    /// An engine over a model already built (e.g. [`crate::model::random_llama`]): the
+    /// config is resolved against `spec` and the cache planned as [`Engine::load`] does
+    /// (`config.model.path` is not read).
+    pub fn from_model(
+        config: &EngineConfig,
+        spec: ModelSpec,
+        model: LlamaModel,
+        tokenizer: Tokenizer,
+    ) -> Result<Self, KvqError> {
+        config.validate()?;
+        let resolved = ResolvedConfig::new(&spec, config)?;
+        let plan = plan_cpu_cache(&resolved, config)?;
+        Ok(Self::from_parts(
+            config.clone(),
+            spec,
+            model,
+            tokenizer,
+            resolved,
+            plan,
+        ))
     }
 
     /// An engine from parts already built (a cache of `plan.num_blocks` blocks is allocated).

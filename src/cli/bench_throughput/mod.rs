@@ -15,9 +15,12 @@ use std::cell::{Cell, RefCell};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kvq::engine::{Engine, EngineEvent, EngineHandle, EngineInfo, Request};
+use kvq::engine::{available_memory_bytes, Engine, EngineEvent, EngineHandle, EngineInfo, Request};
+use kvq::loader::Tokenizer;
+use kvq::model::{check_fits_in_memory, model_shape, random_llama};
+use kvq::plan::ResolvedConfig;
 use kvq::sampling::SamplingParams;
-use kvq::{EngineConfig, KvqError};
+use kvq::{EngineConfig, KvqError, ModelSpec};
 
 use super::args::EngineArgs;
 use metrics::{latencies, RequestTrace, Summary};
@@ -66,11 +69,31 @@ pub struct ThroughputBenchArgs {
     /// CPU threads (default: RAYON_NUM_THREADS, else every core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Instead of --model, a model of this shape ("llama3-8b", "smollm2-135m") with seeded
+    /// random f32 weights (needs --random-weights); refused when the weights would not fit
+    /// in memory.
+    #[arg(long = "model-shape", requires = "random_weights")]
+    pub model_shape: Option<String>,
+    /// Random weights (seeded by --seed) of --model-shape.
+    #[arg(long = "random-weights", requires = "model_shape")]
+    pub random_weights: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
+}
+
+/// Builds the engine of one configuration: the model file, or random weights of a shape.
+fn build_engine(cfg: &EngineConfig, a: &ThroughputBenchArgs) -> Result<Engine, KvqError> {
+    let Some(shape) = &a.model_shape else {
+        return Engine::load(cfg, &mut |_| {});
+    };
+    let spec = model_shape(shape)?;
+    check_fits_in_memory(&spec, available_memory_bytes())?;
+    let model = random_llama(&spec, a.seed)?;
+    let tokenizer = Tokenizer::synthetic(spec.vocab_size)?;
+    Engine::from_model(cfg, spec, model, tokenizer)
 }
 
 const DEFAULT_CONFIGS: [&str; 4] = ["pytorch:0", "pytorch:8", "pytorch:4", "pytorch:42"];
@@ -127,6 +150,10 @@ pub fn run(a: ThroughputBenchArgs) -> Result<(), KvqError> {
             )));
         }
     }
+    if let Some(shape) = &a.model_shape {
+        // Refuse before any configuration is built.
+        check_fits_in_memory(&model_shape(shape)?, available_memory_bytes())?;
+    }
     let mut base = a.engine.load()?;
     if a.engine.session_len.is_none() {
         base.engine.session_len = base.engine.session_len.min(DEFAULT_SESSION_LEN);
@@ -140,6 +167,16 @@ pub fn run(a: ThroughputBenchArgs) -> Result<(), KvqError> {
         .iter()
         .map(|s| super::bench::parse_config(&base, s))
         .collect::<Result<Vec<EngineConfig>, _>>()?;
+    // Refuse a configuration its backend cannot run (e.g. speculation with pytorch policy
+    // 42) before any of them runs.
+    let spec = match &a.model_shape {
+        Some(shape) => model_shape(shape)?,
+        None => ModelSpec::from_path(std::path::Path::new(&base.model.path))?,
+    };
+    for (name, cfg) in specs.iter().zip(&configs) {
+        ResolvedConfig::new(&spec, cfg)
+            .map_err(|e| KvqError::InvalidArgument(format!("--configs {name}: {e}")))?;
+    }
     let dist = LengthDistribution {
         input_mean: a.input_mean,
         output_mean: a.output_mean,
@@ -150,7 +187,7 @@ pub fn run(a: ThroughputBenchArgs) -> Result<(), KvqError> {
     let mut jobs: Option<Vec<Job>> = None;
     let mut rows = Vec::new();
     for (spec, cfg) in specs.iter().zip(&configs) {
-        let engine = Engine::load(cfg, &mut |_| {})?;
+        let engine = build_engine(cfg, &a)?;
         let jobs = match &jobs {
             Some(j) => j,
             None => jobs.insert(draw_jobs(
@@ -183,7 +220,9 @@ pub fn run(a: ThroughputBenchArgs) -> Result<(), KvqError> {
     };
     if a.json {
         let j = serde_json::json!({
-            "model": base.model.path,
+            "model": a.model_shape.as_ref().map_or(base.model.path.clone(), |s| {
+                format!("{s} (random weights, seed {})", a.seed)
+            }),
             "num_prompts": a.num_prompts,
             "seed": a.seed,
             "mode": mode,
