@@ -362,7 +362,7 @@ fn run_batch(e: &mut Engine, reqs: &[Request]) -> (Vec<GenerationOutput>, Vec<Ve
     while e.has_work() {
         events.clear();
         e.step(&mut events).unwrap();
-        assert_accounted(&e);
+        assert_accounted(e);
         for (k, id) in ids.iter().enumerate() {
             let run: Vec<u32> = events
                 .iter()
