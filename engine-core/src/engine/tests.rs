@@ -505,7 +505,7 @@ fn token_inside_an_accepted_run(steps: &[Vec<u32>]) -> Option<(usize, u32)> {
 }
 
 #[test]
-fn stop_tokens_and_max_new_tokens_end_an_accepted_run() {
+fn stop_tokens_stop_strings_and_max_new_tokens_end_an_accepted_run() {
     let reqs = speculation_prompts();
     let mut spec = tiny_engine(40, 16, 8);
     spec.set_num_speculative_tokens(6);
@@ -531,6 +531,16 @@ fn stop_tokens_and_max_new_tokens_end_an_accepted_run() {
             outs[i].token_ids[..=at],
             "nothing after the stop token"
         );
+        // So does a stop string made of that token's text: the answer is the one plain
+        // decoding gives, cut before it.
+        let mut stop_text = r.clone();
+        stop_text.stop = vec![format!(" {}", spec.tokenizer.id_to_token(token).unwrap())];
+        let exp = alone(&mut plain, &stop_text);
+        let (got, _) = run_batch(&mut spec, std::slice::from_ref(&stop_text));
+        assert_eq!(got[0].token_ids, exp.token_ids, "request {i}");
+        assert_eq!(got[0].text, exp.text, "request {i}");
+        assert_eq!(got[0].finish_reason, FinishReason::Stop);
+        assert!(got[0].token_ids.len() <= at + 1);
         // So does max_new_tokens.
         let mut short = r.clone();
         short.params.max_new_tokens = at + 1;
