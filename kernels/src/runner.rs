@@ -262,7 +262,7 @@ impl GpuLlama {
     fn inputs(
         &self,
         seqs: &[SeqInput<'_>],
-        which: LogitsFor,
+        logit_rows: &[usize],
         cache: &GpuCache,
     ) -> Result<StepInputs, KvqError> {
         let s = &self.spec;
@@ -277,7 +277,18 @@ impl GpuLlama {
         let (mut tokens, mut positions, mut slots) = (Vec::new(), Vec::new(), Vec::new());
         let (mut tables, mut lens, mut out_rows) = (Vec::new(), Vec::new(), Vec::new());
         let mut max_context = 0;
-        for seq in seqs {
+        if logit_rows.len() != seqs.len()
+            || seqs
+                .iter()
+                .zip(logit_rows)
+                .any(|(s, &n)| n == 0 || n > s.tokens.len())
+        {
+            return Err(bad(format!(
+                "logit rows {logit_rows:?} do not fit {} sequences",
+                seqs.len()
+            )));
+        }
+        for (seq, &wanted) in seqs.iter().zip(logit_rows) {
             let end = seq.start_pos + seq.tokens.len();
             if end > self.max_positions {
                 return Err(bad(format!(
@@ -308,7 +319,7 @@ impl GpuLlama {
                     )));
                 }
                 let pos = seq.start_pos + i;
-                if which == LogitsFor::AllTokens || i + 1 == seq.tokens.len() {
+                if i + wanted >= seq.tokens.len() {
                     out_rows.push(tokens.len() as i32);
                 }
                 tokens.push(t as i32);
@@ -530,6 +541,15 @@ impl GpuLlama {
         seqs: &[SeqInput<'_>],
         which: LogitsFor,
     ) -> Result<Vec<f32>, KvqError> {
+        self.forward_last_rows(seqs, &which.rows(seqs))
+    }
+
+    /// Logits of the last `logit_rows[i]` tokens of each sequence `i`, storing their K/V.
+    pub fn forward_last_rows(
+        &mut self,
+        seqs: &[SeqInput<'_>],
+        logit_rows: &[usize],
+    ) -> Result<Vec<f32>, KvqError> {
         let g = self.gpu.clone();
         g.context()
             .bind_to_thread()
@@ -538,7 +558,7 @@ impl GpuLlama {
             .cache
             .as_ref()
             .ok_or_else(|| KvqError::InvalidArgument("the GPU model has no cache".into()))?;
-        let inp = self.inputs(seqs, which, cache)?;
+        let inp = self.inputs(seqs, logit_rows, cache)?;
         if inp.rows == 0 {
             return Ok(Vec::new());
         }
@@ -600,12 +620,12 @@ impl ForwardPass for GpuLlama {
         &self.spec
     }
 
-    fn forward_with(
+    fn forward_rows(
         &mut self,
         _backend: &dyn AttentionBackend,
         cache: &mut PagedKvCache,
         seqs: &[SeqInput<'_>],
-        which: LogitsFor,
+        logit_rows: &[usize],
         _layers: Path,
         _head: Path,
     ) -> Result<Vec<f32>, KvqError> {
@@ -616,7 +636,7 @@ impl ForwardPass for GpuLlama {
                 cache.block_size()
             )));
         }
-        self.forward(seqs, which)
+        self.forward_last_rows(seqs, logit_rows)
     }
 }
 

@@ -3,7 +3,7 @@
 use clap::Args;
 use std::path::PathBuf;
 
-use kvq::config::{DtypeChoice, QuantPolicy};
+use kvq::config::{DtypeChoice, QuantPolicy, SpeculativeSection};
 use kvq::{EngineConfig, KvqError};
 
 #[derive(Args, Debug, Clone, Default)]
@@ -41,6 +41,15 @@ pub struct EngineArgs {
     pub session_len: Option<usize>,
     #[arg(long)]
     pub tp: Option<usize>,
+    /// Speculative decoding with n-gram (prompt lookup) drafts: draft tokens verified per
+    /// decoding request and step (1..=16; 0 turns off a `[speculative]` section of the
+    /// config). Outputs are unchanged; acceptance is reported. Not with pytorch policy 42.
+    #[arg(
+        long = "speculative-num-draft-tokens",
+        alias = "speculative-num-tokens",
+        alias = "num-speculative-tokens"
+    )]
+    pub speculative_num_draft_tokens: Option<usize>,
 }
 
 impl EngineArgs {
@@ -86,6 +95,16 @@ impl EngineArgs {
         }
         if let Some(v) = self.tp {
             e.tp = v;
+        }
+        match self.speculative_num_draft_tokens {
+            Some(0) => cfg.speculative = None,
+            Some(n) => {
+                cfg.speculative = Some(SpeculativeSection {
+                    method: "ngram".into(),
+                    num_speculative_tokens: n,
+                })
+            }
+            None => {}
         }
         cfg.validate()?;
         Ok(cfg)

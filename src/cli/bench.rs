@@ -1,5 +1,6 @@
 //! `kvq bench generate`: prefill and decode speed of every KV policy on one prompt, optionally
-//! side by side with llama.cpp (through `bench/llamacpp_generate.py`) in the same run.
+//! side by side with llama.cpp (through `bench/llamacpp_generate.py`) in the same run; the
+//! other `kvq bench` subcommands live in their own modules.
 
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
@@ -24,6 +25,9 @@ pub enum BenchCommand {
     Generate(Box<GenerateBenchArgs>),
     /// GPU paged decode-attention time per KV policy (a build with `--features cuda`).
     Attention(super::bench_attention::AttentionBenchArgs),
+    /// Serving throughput and TTFT/TPOT/ITL per KV policy on a ShareGPT-shaped workload of
+    /// random prompts, through the async engine (closed loop or Poisson arrivals).
+    Throughput(Box<super::bench_throughput::ThroughputBenchArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -71,6 +75,7 @@ pub fn run(a: BenchArgs) -> Result<(), KvqError> {
     match a.command {
         BenchCommand::Generate(g) => generate(*g),
         BenchCommand::Attention(b) => super::bench_attention::run(b),
+        BenchCommand::Throughput(t) => super::bench_throughput::run(*t),
     }
 }
 
@@ -478,7 +483,7 @@ fn median(xs: &[f64]) -> f64 {
     }
 }
 
-fn parse_config(base: &EngineConfig, s: &str) -> Result<EngineConfig, KvqError> {
+pub(super) fn parse_config(base: &EngineConfig, s: &str) -> Result<EngineConfig, KvqError> {
     let (backend, policy) = s.split_once(':').ok_or_else(|| {
         KvqError::InvalidArgument(format!("--configs entry `{s}` is not BACKEND:POLICY"))
     })?;

@@ -51,8 +51,19 @@ pub fn run(a: GenerateArgs) -> Result<(), KvqError> {
         .iter()
         .map(|o| format!("{:?}", o.finish_reason).to_lowercase())
         .collect();
+    let stats = pipe.engine().stats();
+    let speculation = if pipe.info().num_speculative_tokens > 0 {
+        format!(
+            "; speculative: {} of {} draft tokens accepted ({:.1}%)",
+            stats.spec_accepted,
+            stats.spec_drafted,
+            100.0 * stats.spec_accepted as f64 / stats.spec_drafted.max(1) as f64
+        )
+    } else {
+        String::new()
+    };
     eprintln!(
-        "kvq: {prompt} prompt + {new} generated tokens in {secs:.2} s ({:.1} tokens/s generated); finish: {}",
+        "kvq: {prompt} prompt + {new} generated tokens in {secs:.2} s ({:.1} tokens/s generated); finish: {}{speculation}",
         new as f64 / secs,
         reasons.join(", ")
     );

@@ -3,6 +3,7 @@
 mod args;
 mod bench;
 mod bench_attention;
+mod bench_throughput;
 mod chat;
 mod check_config;
 mod eval;

@@ -100,6 +100,22 @@ impl BlockTable {
         self.blocks[pos / block_size] as usize * block_size + pos % block_size
     }
 
+    /// Shrinks the table to the blocks `new_len` tokens need, returning the rest to `pool`
+    /// (a sequence whose speculative drafts were rejected gives their blocks back).
+    pub fn truncate(
+        &mut self,
+        pool: &mut BlockPool,
+        new_len: usize,
+        block_size: usize,
+    ) -> Result<(), KvqError> {
+        let keep = Self::blocks_for(new_len, block_size);
+        while self.blocks.len() > keep {
+            pool.release(self.blocks.pop().expect("more than keep"))?;
+        }
+        self.num_tokens = self.num_tokens.min(new_len);
+        Ok(())
+    }
+
     /// Returns every block to `pool`.
     pub fn release_all(&mut self, pool: &mut BlockPool) -> Result<(), KvqError> {
         for id in self.blocks.drain(..) {
@@ -134,6 +150,20 @@ mod tests {
         assert!(u.reserve(&mut p, 64 * 2, 64).is_err());
         assert_eq!(p.num_free(), 1);
         assert!(u.blocks.is_empty());
+    }
+
+    #[test]
+    fn truncate_returns_the_blocks_past_the_new_length() {
+        let mut p = BlockPool::new(4);
+        let mut t = BlockTable::default();
+        t.reserve(&mut p, 50, 16).unwrap();
+        assert_eq!((t.blocks.len(), p.num_free()), (4, 0));
+        t.truncate(&mut p, 33, 16).unwrap();
+        assert_eq!((t.blocks.len(), p.num_free()), (3, 1));
+        t.truncate(&mut p, 40, 16).unwrap(); // growing is reserve's job
+        assert_eq!(t.blocks.len(), 3);
+        t.truncate(&mut p, 0, 16).unwrap();
+        assert_eq!((t.blocks.len(), p.num_free()), (0, 4));
     }
 
     proptest! {

@@ -41,6 +41,8 @@ pub type EventStream = Pin<Box<dyn Stream<Item = EventResult> + Send>>;
 pub struct EngineInfo {
     pub backend: String,
     pub codec: String,
+    /// The codec's LMDeploy policy number (none for a registered codec).
+    pub policy: Option<u32>,
     /// Most tokens (prompt + generated) of one request.
     pub session_len: usize,
     pub max_batch_size: usize,
@@ -49,6 +51,8 @@ pub struct EngineInfo {
     pub token_capacity: usize,
     pub ratio_to_fp16: f64,
     pub vocab_size: usize,
+    /// Draft tokens verified per decoding request and step (n-gram speculation); 0 is off.
+    pub num_speculative_tokens: usize,
     /// [`Engine::summary`]: the plan in one line, for logs.
     pub summary: String,
 }
@@ -58,6 +62,7 @@ impl EngineInfo {
         Self {
             backend: engine.resolved.backend.name().to_string(),
             codec: engine.resolved.codec.name().to_string(),
+            policy: engine.resolved.codec.policy(),
             session_len: engine.limits().session_len,
             max_batch_size: engine.limits().max_batch_size,
             num_blocks: engine.plan.num_blocks,
@@ -65,6 +70,7 @@ impl EngineInfo {
             token_capacity: engine.plan.token_capacity,
             ratio_to_fp16: engine.plan.ratio_to_fp16,
             vocab_size: engine.spec.vocab_size,
+            num_speculative_tokens: engine.limits().num_speculative_tokens,
             summary: engine.summary(),
         }
     }
@@ -79,6 +85,10 @@ pub struct EngineStats {
     pub waiting: usize,
     /// Preemptions since start (a running request's blocks freed for recomputation).
     pub preemptions: u64,
+    /// Speculative draft tokens scored since start.
+    pub spec_drafted: u64,
+    /// Of those, drafts kept.
+    pub spec_accepted: u64,
     /// False once the engine thread has stopped.
     pub alive: bool,
 }
@@ -116,6 +126,8 @@ struct Shared {
     running: AtomicUsize,
     waiting: AtomicUsize,
     preemptions: AtomicU64,
+    spec_drafted: AtomicU64,
+    spec_accepted: AtomicU64,
     alive: AtomicBool,
 }
 
@@ -127,6 +139,9 @@ impl Shared {
         self.waiting.store(engine.num_waiting(), Ordering::Relaxed);
         self.preemptions
             .store(engine.preemptions(), Ordering::Relaxed);
+        let spec = engine.speculation();
+        self.spec_drafted.store(spec.drafted, Ordering::Relaxed);
+        self.spec_accepted.store(spec.accepted, Ordering::Relaxed);
     }
 }
 
@@ -161,6 +176,8 @@ impl EngineHandle {
             running: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             preemptions: AtomicU64::new(0),
+            spec_drafted: AtomicU64::new(0),
+            spec_accepted: AtomicU64::new(0),
             alive: AtomicBool::new(true),
         });
         let (commands, rx) = mpsc::channel();
@@ -191,6 +208,8 @@ impl EngineHandle {
             running: s.running.load(Ordering::Relaxed),
             waiting: s.waiting.load(Ordering::Relaxed),
             preemptions: s.preemptions.load(Ordering::Relaxed),
+            spec_drafted: s.spec_drafted.load(Ordering::Relaxed),
+            spec_accepted: s.spec_accepted.load(Ordering::Relaxed),
             alive: s.alive.load(Ordering::Relaxed),
         }
     }
@@ -328,6 +347,9 @@ fn run(mut engine: Engine, commands: Receiver<Command>, shared: Arc<Shared>) {
         events.clear();
         match engine.step(&mut events) {
             Ok(_) => {
+                // Counters first, so a caller that sees its request finish reads them
+                // including this step.
+                shared.publish(&engine);
                 for e in events.drain(..) {
                     let id = e.request;
                     if let Some(tx) = streams.get(&id) {

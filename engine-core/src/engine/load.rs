@@ -36,10 +36,31 @@ pub struct Engine {
     /// The host cache; with a device runner it has no blocks (the K/V lives on the device).
     cache: PagedKvCache,
     pool: BlockPool,
-    sched: Scheduler,
+    pub(super) sched: Scheduler,
     preempted: u64,
     /// A device runner that replaces `model` for forward passes, with its device's name.
     device: Option<(Box<dyn ForwardPass>, String)>,
+    speculation: SpeculationStats,
+}
+
+/// Speculative decoding's counters since loading.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SpeculationStats {
+    /// Draft tokens scored.
+    pub drafted: u64,
+    /// Drafts kept (equal to the token the sampler picked at their position).
+    pub accepted: u64,
+}
+
+impl SpeculationStats {
+    /// `accepted / drafted`, or 0 before any draft.
+    pub fn acceptance_rate(&self) -> f64 {
+        if self.drafted == 0 {
+            0.0
+        } else {
+            self.accepted as f64 / self.drafted as f64
+        }
+    }
 }
 
 /// Prompt tokens one step processes over all sequences (chunked prefill), so a long prompt
@@ -145,8 +166,30 @@ impl Engine {
             ResolvedConfig::new(&ModelSpec::from_path(path)?, config)?;
         }
         let (spec, model, tokenizer) = load_model(path, progress)?;
-        let resolved = ResolvedConfig::new(&spec, config)?;
         progress(LoadStage::AllocatingCache);
+        let engine = Self::from_model(config, spec, model, tokenizer)?;
+        progress(LoadStage::Ready);
+        Ok(engine)
+    }
+
+    /// The device the forward passes run on (`"cpu"` or the GPU's name).
+    pub fn device_name(&self) -> &str {
+        self.device
+            .as_ref()
+            .map_or("cpu", |(_, name)| name.as_str())
+    }
+
+    /// An engine over a model already built (e.g. [`crate::model::random_llama`]): the
+    /// config is resolved against `spec` and the cache planned as [`Engine::load`] does
+    /// (`config.model.path` is not read).
+    pub fn from_model(
+        config: &EngineConfig,
+        spec: ModelSpec,
+        model: LlamaModel,
+        tokenizer: Tokenizer,
+    ) -> Result<Self, KvqError> {
+        config.validate()?;
+        let resolved = ResolvedConfig::new(&spec, config)?;
         let engine = match config.device()? {
             // `auto` stays on the CPU: its results are the bit-exact, batch-invariant
             // reference; the GPU is chosen explicitly.
@@ -184,15 +227,7 @@ impl Engine {
                 engine
             }
         };
-        progress(LoadStage::Ready);
         Ok(engine)
-    }
-
-    /// The device the forward passes run on (`"cpu"` or the GPU's name).
-    pub fn device_name(&self) -> &str {
-        self.device
-            .as_ref()
-            .map_or("cpu", |(_, name)| name.as_str())
     }
 
     /// An engine from parts already built (a cache of `plan.num_blocks` blocks is allocated).
@@ -218,6 +253,10 @@ impl Engine {
                 .min(spec.max_position_embeddings)
                 .min(plan.num_blocks * cache.block_size()),
             max_prefill_tokens: DEFAULT_MAX_PREFILL_TOKENS,
+            num_speculative_tokens: config
+                .speculative
+                .as_ref()
+                .map_or(0, |s| s.num_speculative_tokens),
         };
         let sched = Scheduler::new(limits, tokenizer.eos_id());
         Self {
@@ -232,6 +271,7 @@ impl Engine {
             sched,
             preempted: 0,
             device: None,
+            speculation: SpeculationStats::default(),
         }
     }
 
@@ -260,6 +300,19 @@ impl Engine {
     /// model's context and the cache's token capacity.
     pub fn limits(&self) -> SchedulerLimits {
         *self.sched.limits()
+    }
+
+    /// Changes the draft tokens verified per decoding sequence and step (n-gram
+    /// speculation); 0 turns speculation off. Applies from the next step.
+    pub fn set_num_speculative_tokens(&mut self, n: usize) {
+        let mut limits = self.limits();
+        limits.num_speculative_tokens = n;
+        self.sched.set_limits(limits);
+    }
+
+    /// Speculative decoding's draft and acceptance counts since loading.
+    pub fn speculation(&self) -> SpeculationStats {
+        self.speculation
     }
 
     /// Changes the prompt tokens processed per step (chunked prefill); at least 1.
@@ -327,6 +380,8 @@ impl Engine {
             events,
         )?;
         self.preempted += stats.preempted as u64;
+        self.speculation.drafted += stats.drafted as u64;
+        self.speculation.accepted += stats.accepted as u64;
         Ok(stats)
     }
 

@@ -5,6 +5,7 @@
 mod detok;
 mod handle;
 mod load;
+mod ngram;
 mod request;
 mod scheduler;
 mod stop;
@@ -18,8 +19,10 @@ pub use handle::{
     RequestStream,
 };
 pub use load::{
-    available_memory_bytes, load_model, plan_cache, Engine, LoadStage, DEFAULT_MAX_PREFILL_TOKENS,
+    available_memory_bytes, load_model, plan_cache, Engine, LoadStage, SpeculationStats,
+    DEFAULT_MAX_PREFILL_TOKENS,
 };
+pub use ngram::{propose as propose_ngram_draft, MAX_NGRAM, MIN_NGRAM};
 pub use request::{FinishReason, GenerationOutput, Request, TokenEvent};
 pub use scheduler::{Scheduler, SchedulerLimits, StepStats};
 pub use stop::StopMatcher;

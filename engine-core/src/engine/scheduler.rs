@@ -4,17 +4,27 @@
 //! and single decode tokens together, prompts chunked so long ones do not stall decoding);
 //! when blocks run out the most recently admitted sequence is preempted (its blocks freed, its
 //! K/V recomputed when it is readmitted), so a request is delayed but never lost.
+//!
+//! With speculative decoding on, a decoding sequence also feeds n-gram draft tokens after its
+//! last token ([`super::ngram`]); the one forward pass scores every draft, the sampler picks
+//! each position's token in order, and drafts are kept while they equal what it picked.
+//! Because a row's logits do not depend on the other rows of its call and each position is
+//! sampled exactly as it would be without drafts (same context, same random draw), the output
+//! is token for token what decoding without speculation gives, at any temperature; rejected
+//! drafts' cache entries are dropped (the sequence shrinks back and gives up the blocks past
+//! its length).
 
 use std::collections::VecDeque;
 
 use super::detok::IncrementalDecoder;
+use super::ngram;
 use super::request::{FinishReason, GenerationOutput, Request, TokenEvent};
 use super::stop::StopMatcher;
 use crate::backend::AttentionBackend;
 use crate::cache::{BlockPool, BlockTable, PagedKvCache};
 use crate::error::KvqError;
 use crate::loader::Tokenizer;
-use crate::model::{ForwardPass, LogitsFor, SeqInput};
+use crate::model::{ForwardPass, SeqInput};
 use crate::ops::linear::{Kernel, Path, DEQUANT_MIN_ROWS};
 use crate::sampling::Sampler;
 
@@ -28,6 +38,8 @@ pub struct SchedulerLimits {
     pub session_len: usize,
     /// Prompt tokens processed per step over all sequences (chunked prefill).
     pub max_prefill_tokens: usize,
+    /// Draft tokens verified per decoding sequence and step (n-gram speculation); 0 is off.
+    pub num_speculative_tokens: usize,
 }
 
 struct Sequence {
@@ -53,6 +65,73 @@ impl Sequence {
         self.tokens.len() - self.prompt_len
     }
 
+    /// Draft tokens this sequence may verify this step: none unless it is decoding (one
+    /// pending token after at least one generated), and never so many that the drafts and
+    /// the token after them would pass `max_new_tokens` or the session length.
+    fn draft_room(&self, limits: &SchedulerLimits) -> usize {
+        if limits.num_speculative_tokens == 0
+            || self.generated() == 0
+            || self.cached + 1 != self.tokens.len()
+        {
+            return 0;
+        }
+        let left_new = self.sampler.params().max_new_tokens - self.generated();
+        let left_session = limits.session_len.saturating_sub(self.tokens.len());
+        limits
+            .num_speculative_tokens
+            .min(left_new.saturating_sub(1))
+            .min(left_session.saturating_sub(1))
+    }
+
+    /// Samples the next token from `logits`, appends it and works out whether it ends the
+    /// request (EOS or stop id, `max_new_tokens`, session length, stop string); returns the
+    /// event to stream.
+    fn push_sampled(
+        &mut self,
+        logits: &[f32],
+        eos: Option<u32>,
+        session_len: usize,
+        tokenizer: &Tokenizer,
+    ) -> Result<TokenEvent, KvqError> {
+        let token = self.sampler.sample(logits, &self.tokens);
+        self.tokens.push(token);
+        let piece = self.detok.push(tokenizer, token)?;
+        let eos = Some(token) == eos && !self.sampler.params().ignore_eos;
+        let stop = eos || self.stop_ids.contains(&token);
+        let mut finished = if stop {
+            Some(FinishReason::Stop)
+        } else if self.generated() >= self.sampler.params().max_new_tokens
+            || self.tokens.len() >= session_len
+        {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        // The stop token's own text is not part of the answer.
+        let piece = if stop {
+            String::new()
+        } else if finished.is_some() {
+            piece + &self.detok.flush(tokenizer)?
+        } else {
+            piece
+        };
+        let (mut text, hit) = self.stop.push(&piece);
+        if hit {
+            finished = Some(FinishReason::Stop);
+        } else if finished.is_some() {
+            text.push_str(&self.stop.flush());
+        }
+        self.ended_by_token = stop;
+        self.finished = finished;
+        self.text.push_str(&text);
+        Ok(TokenEvent {
+            request: self.index,
+            token,
+            text,
+            finished,
+        })
+    }
+
     fn output(self) -> (usize, GenerationOutput) {
         let mut ids = self.tokens[self.prompt_len..].to_vec();
         let completion_tokens = ids.len();
@@ -74,8 +153,13 @@ impl Sequence {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StepStats {
     pub prefill_tokens: usize,
+    /// Sequences that decoded (each emits one token, more when drafts are accepted).
     pub decode_tokens: usize,
     pub preempted: usize,
+    /// Speculative draft tokens scored this step.
+    pub drafted: usize,
+    /// Drafts equal to the token the sampler picked at their position (kept).
+    pub accepted: usize,
 }
 
 /// Holds waiting and running sequences and advances them one forward pass at a time.
@@ -168,6 +252,15 @@ impl Scheduler {
             .sum()
     }
 
+    /// Tokens and blocks of each running sequence (for accounting checks).
+    #[cfg(test)]
+    pub(super) fn running_lengths(&self) -> Vec<(usize, usize)> {
+        self.running
+            .iter()
+            .map(|s| (s.tokens.len(), s.table.blocks.len()))
+            .collect()
+    }
+
     /// Removes request `index` wherever it is, returning its blocks to `pool`. Returns whether
     /// it was still there (a finished request whose output was taken is not).
     pub fn cancel(&mut self, index: usize, pool: &mut BlockPool) -> Result<bool, KvqError> {
@@ -233,6 +326,34 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Drafts of every running sequence (empty where it does not speculate), appended to its
+    /// tokens for this step's pass, with blocks reserved for them. Drafts only use blocks
+    /// that are free: a sequence speculates less, never preempts another, for want of room.
+    fn propose_drafts(
+        &mut self,
+        pool: &mut BlockPool,
+        block_size: usize,
+    ) -> Result<Vec<Vec<u32>>, KvqError> {
+        let mut drafts = vec![Vec::new(); self.running.len()];
+        for (seq, draft) in self.running.iter_mut().zip(&mut drafts) {
+            let room = seq.draft_room(&self.limits);
+            if room == 0 {
+                continue;
+            }
+            let mut d = ngram::propose(&seq.tokens, room);
+            let fits = (seq.table.blocks.len() + pool.num_free()) * block_size;
+            d.truncate(fits.saturating_sub(seq.tokens.len()));
+            if d.is_empty() {
+                continue;
+            }
+            seq.table
+                .reserve(pool, seq.tokens.len() + d.len(), block_size)?;
+            seq.tokens.extend_from_slice(&d);
+            *draft = d;
+        }
+        Ok(drafts)
+    }
+
     /// Runs one forward pass over the running batch and samples a token for every sequence
     /// whose prompt is fully processed.
     pub fn step(
@@ -278,34 +399,34 @@ impl Scheduler {
             }
             return Ok(stats);
         }
+        let drafts = self.propose_drafts(pool, block_size)?;
         // Chunked prefill: each sequence contributes its pending tokens within the budget (a
-        // prompt that finds it spent waits for the next step; decode tokens do not count).
+        // prompt that finds it spent waits for the next step; decode tokens and drafts do
+        // not count).
         let mut budget = self.limits.max_prefill_tokens.max(1);
         let mut chunks = Vec::with_capacity(self.running.len());
-        for seq in &self.running {
+        for (seq, d) in self.running.iter().zip(&drafts) {
             let pending = seq.tokens.len() - seq.cached;
-            let take = if pending <= 1 {
+            let take = if pending <= 1 + d.len() {
                 pending
             } else {
                 pending.min(budget)
             };
-            if pending > 1 {
+            if pending > 1 + d.len() {
                 budget -= take;
             }
             chunks.push(take);
         }
-        let logits = forward_batch_invariant(model, backend, cache, &self.running, &chunks)?;
+        let logits =
+            forward_batch_invariant(model, backend, cache, &self.running, &chunks, &drafts)?;
         let mut rows = logits.rows.iter();
-        for (seq, &n) in self.running.iter_mut().zip(&chunks) {
+        for ((seq, &n), draft) in self.running.iter_mut().zip(&chunks).zip(&drafts) {
             if n == 0 {
                 continue;
             }
-            let was_prefill = n > 1 || seq.cached < seq.prompt_len;
+            let was_prefill = n > 1 + draft.len() || seq.cached < seq.prompt_len;
             seq.cached += n;
-            let l = rows
-                .next()
-                .expect("a logits row per sequence")
-                .as_slice(&logits);
+            let rows = rows.next().expect("logits rows per sequence");
             if was_prefill {
                 stats.prefill_tokens += n;
             } else {
@@ -314,43 +435,34 @@ impl Scheduler {
             if seq.cached < seq.tokens.len() {
                 continue; // more of the prompt to go
             }
-            let token = seq.sampler.sample(l, &seq.tokens);
-            seq.tokens.push(token);
-            let piece = seq.detok.push(tokenizer, token)?;
-            let eos = Some(token) == self.eos && !seq.sampler.params().ignore_eos;
-            let stop = eos || seq.stop_ids.contains(&token);
-            let mut finished = if stop {
-                Some(FinishReason::Stop)
-            } else if seq.generated() >= seq.sampler.params().max_new_tokens
-                || seq.tokens.len() >= self.limits.session_len
-            {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            // The stop token's own text is not part of the answer.
-            let piece = if stop {
-                String::new()
-            } else if finished.is_some() {
-                piece + &seq.detok.flush(tokenizer)?
-            } else {
-                piece
-            };
-            let (mut text, hit) = seq.stop.push(&piece);
-            if hit {
-                finished = Some(FinishReason::Stop);
-            } else if finished.is_some() {
-                text.push_str(&seq.stop.flush());
+            // Take the drafts back out: from here on `tokens` holds only tokens the sampler
+            // picked, and position `len - 1 + j` of the pass predicts the (j+1)-th new token.
+            let base = seq.tokens.len() - draft.len();
+            seq.tokens.truncate(base);
+            stats.drafted += draft.len();
+            for j in 0..=draft.len() {
+                let event = seq.push_sampled(
+                    rows.row(&logits, j),
+                    self.eos,
+                    self.limits.session_len,
+                    tokenizer,
+                )?;
+                let token = event.token;
+                events.push(event);
+                let kept = j < draft.len() && token == draft[j];
+                if kept {
+                    stats.accepted += 1;
+                }
+                if seq.finished.is_some() || !kept {
+                    break;
+                }
             }
-            seq.ended_by_token = stop;
-            seq.finished = finished;
-            seq.text.push_str(&text);
-            events.push(TokenEvent {
-                request: seq.index,
-                token,
-                text,
-                finished,
-            });
+            // K/V are valid up to the token before the newest (the kept drafts'); rejected
+            // drafts' entries past that are dropped along with their blocks.
+            seq.cached = seq.tokens.len() - 1;
+            if !draft.is_empty() {
+                seq.table.truncate(pool, seq.cached, block_size)?;
+            }
         }
         let (done, still): (Vec<_>, Vec<_>) =
             self.running.drain(..).partition(|s| s.finished.is_some());
@@ -363,24 +475,28 @@ impl Scheduler {
     }
 }
 
-/// Where a sequence's logits are: the call (0: long-prompt rows, 1: the others) and the row.
+/// Where a sequence's logits are: the call (0: long-prompt rows, 1: the others) and its
+/// first row there (its last position, or with drafts the position before the first draft,
+/// followed by one row per draft).
 #[derive(Debug, Clone, Copy)]
-struct LogitsRow {
+struct LogitsRows {
     call: usize,
     row: usize,
 }
 
-impl LogitsRow {
-    fn as_slice(self, l: &StepLogits) -> &[f32] {
-        &l.calls[self.call][self.row * l.vocab..(self.row + 1) * l.vocab]
+impl LogitsRows {
+    /// The `j`-th of the sequence's rows.
+    fn row(self, l: &StepLogits, j: usize) -> &[f32] {
+        let r = self.row + j;
+        &l.calls[self.call][r * l.vocab..(r + 1) * l.vocab]
     }
 }
 
 /// The logits of one step: the rows of the two forward calls, and per sequence with a chunk
-/// the row that holds its last position.
+/// where its rows are.
 struct StepLogits {
     calls: [Vec<f32>; 2],
-    rows: Vec<LogitsRow>,
+    rows: Vec<LogitsRows>,
     vocab: usize,
 }
 
@@ -395,19 +511,23 @@ struct StepLogits {
 /// kernels, which treat each row on its own; the output head, one row per sequence, always
 /// the integer kernels. When the two paths are the same the step is one call; otherwise a
 /// chunk spanning both (a recomputation after preemption) is split, its prompt part running
-/// first.
+/// first. A sequence with drafts (always decoding, so in the second call) gets logits for its
+/// last token and every draft, each row computed as it would be alone.
 fn forward_batch_invariant(
     model: &mut dyn ForwardPass,
     backend: &dyn AttentionBackend,
     cache: &mut PagedKvCache,
     running: &[Sequence],
     chunks: &[usize],
+    drafts: &[Vec<u32>],
 ) -> Result<StepLogits, KvqError> {
     let int = Path::Int(Kernel::best());
     let prompt_path = Path::auto(DEQUANT_MIN_ROWS);
     let split_prompts = prompt_path != int;
     let mut inputs: [Vec<SeqInput<'_>>; 2] = [Vec::new(), Vec::new()];
-    let mut last: Vec<Option<LogitsRow>> = vec![None; running.len()];
+    let mut logit_rows: [Vec<usize>; 2] = [Vec::new(), Vec::new()];
+    let mut next_row = [0usize; 2];
+    let mut last: Vec<Option<LogitsRows>> = vec![None; running.len()];
     for (k, (s, &n)) in running.iter().zip(chunks).enumerate() {
         if n == 0 {
             continue;
@@ -420,10 +540,17 @@ fn forward_batch_invariant(
         };
         for (call, (from, to)) in [(start, split), (split, end)].into_iter().enumerate() {
             if to > from {
-                last[k] = Some(LogitsRow {
+                let rows = if to == end {
+                    (1 + drafts[k].len()).min(to - from)
+                } else {
+                    1
+                };
+                last[k] = Some(LogitsRows {
                     call,
-                    row: inputs[call].len(),
+                    row: next_row[call],
                 });
+                next_row[call] += rows;
+                logit_rows[call].push(rows);
                 inputs[call].push(SeqInput {
                     tokens: &s.tokens[from..to],
                     start_pos: from,
@@ -435,11 +562,11 @@ fn forward_batch_invariant(
     let mut calls = [Vec::new(), Vec::new()];
     for (call, layers) in [prompt_path, int].into_iter().enumerate() {
         if !inputs[call].is_empty() {
-            calls[call] = model.forward_with(
+            calls[call] = model.forward_rows(
                 backend,
                 cache,
                 &inputs[call],
-                LogitsFor::LastToken,
+                &logit_rows[call],
                 layers,
                 int,
             )?;

@@ -351,3 +351,217 @@ fn invalid_requests_are_refused_at_submit() {
     assert!(e.to_string().contains("top_p"), "{e}");
     assert_eq!(h.stats().free_blocks, 4);
 }
+
+/// Runs `reqs` together step by step, checking block accounting after every step; returns
+/// the outputs in order and, per request, the tokens each step emitted.
+fn run_batch(e: &mut Engine, reqs: &[Request]) -> (Vec<GenerationOutput>, Vec<Vec<Vec<u32>>>) {
+    let ids: Vec<usize> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    let mut outputs = vec![None; ids.len()];
+    let mut steps = vec![Vec::new(); ids.len()];
+    let mut events = Vec::new();
+    while e.has_work() {
+        events.clear();
+        e.step(&mut events).unwrap();
+        assert_accounted(e);
+        for (k, id) in ids.iter().enumerate() {
+            let run: Vec<u32> = events
+                .iter()
+                .filter(|ev| ev.request == *id)
+                .map(|ev| ev.token)
+                .collect();
+            if !run.is_empty() {
+                steps[k].push(run);
+            }
+        }
+        for (id, out) in e.take_finished() {
+            outputs[ids.iter().position(|&i| i == id).unwrap()] = Some(out);
+        }
+    }
+    assert_eq!(
+        e.free_blocks(),
+        e.plan.num_blocks,
+        "every block free at the end"
+    );
+    (outputs.into_iter().map(Option::unwrap).collect(), steps)
+}
+
+/// Prompts where n-gram drafts are often right (a repeated phrase) and often wrong (random
+/// tokens, whose n-grams recur by chance with other continuations).
+fn speculation_prompts() -> Vec<Request> {
+    let mut reqs: Vec<Request> = (0..3)
+        .map(|i| request(100 + i, 12 + 7 * i as usize, 40))
+        .collect();
+    let phrase = [10u32, 20, 30, 40, 50, 60];
+    let mut rep = request(200, 1, 40);
+    rep.prompt = phrase.iter().cycle().take(30).copied().collect();
+    reqs.push(rep);
+    let mut short = request(201, 1, 40);
+    short.prompt = vec![7, 8, 7, 8, 7];
+    reqs.push(short);
+    reqs
+}
+
+#[test]
+fn speculation_gives_the_tokens_of_plain_decoding_and_counts_acceptance() {
+    let reqs = speculation_prompts();
+    let mut plain = tiny_engine(40, 16, 8);
+    let expected: Vec<GenerationOutput> = reqs.iter().map(|r| alone(&mut plain, r)).collect();
+    assert_eq!(
+        plain.speculation(),
+        Default::default(),
+        "speculation is off by default"
+    );
+    for k in [1, 4, 7] {
+        let mut e = tiny_engine(40, 16, 8);
+        e.set_num_speculative_tokens(k);
+        let (outs, steps) = run_batch(&mut e, &reqs);
+        for (i, (out, exp)) in outs.iter().zip(&expected).enumerate() {
+            assert_eq!(out.token_ids, exp.token_ids, "k {k}, request {i}");
+            assert_eq!(out.text, exp.text, "k {k}, request {i}");
+            assert_eq!(out.finish_reason, exp.finish_reason);
+            let streamed: Vec<u32> = steps[i].iter().flatten().copied().collect();
+            assert_eq!(streamed, exp.token_ids, "events of request {i}");
+            assert!(
+                steps[i].iter().all(|s| s.len() <= k + 1),
+                "at most k drafts + 1"
+            );
+        }
+        let s = e.speculation();
+        // Wrong drafts were scored and rejected, right ones kept, and the steps that kept
+        // drafts emitted several tokens.
+        assert!(s.accepted > 0 && s.accepted < s.drafted, "k {k}: {s:?}");
+        let extra: usize = steps.iter().flatten().map(|s| s.len() - 1).sum();
+        assert_eq!(
+            extra as u64, s.accepted,
+            "each kept draft is one extra token of a step"
+        );
+        println!("k {k}: {s:?}, rate {:.2}", s.acceptance_rate());
+    }
+}
+
+#[test]
+fn speculation_keeps_sampled_outputs_with_the_same_seed() {
+    let mut reqs = speculation_prompts();
+    for (i, r) in reqs.iter_mut().enumerate() {
+        r.params.temperature = 0.7;
+        r.params.top_k = 5;
+        r.params.repetition_penalty = 1.1;
+        r.params.seed = 11 + i as u64;
+    }
+    let mut plain = tiny_engine(40, 16, 8);
+    let expected: Vec<GenerationOutput> = reqs.iter().map(|r| alone(&mut plain, r)).collect();
+    let mut e = tiny_engine(40, 16, 8);
+    e.set_num_speculative_tokens(4);
+    let (outs, _) = run_batch(&mut e, &reqs);
+    for (i, (out, exp)) in outs.iter().zip(&expected).enumerate() {
+        assert_eq!(out.token_ids, exp.token_ids, "request {i}");
+    }
+    assert!(e.speculation().drafted > 0);
+}
+
+#[test]
+fn rejected_drafts_give_their_blocks_back() {
+    // Blocks of 4 tokens: 7 drafts span two blocks past the last token.
+    let mut e = tiny_engine(64, 4, 4);
+    e.set_num_speculative_tokens(7);
+    let reqs = speculation_prompts();
+    let ids: Vec<usize> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    let mut events = Vec::new();
+    let mut saw_rejection = false;
+    while e.has_work() {
+        let stats = e.step(&mut events).unwrap();
+        assert_accounted(&e);
+        saw_rejection |= stats.accepted < stats.drafted;
+        // Between steps no sequence holds blocks past its tokens and the one after them
+        // (what admission reserves): rejected drafts' blocks went back.
+        for (tokens, blocks) in e.sched.running_lengths() {
+            assert!(
+                blocks <= (tokens + 1).div_ceil(4),
+                "{blocks} blocks for {tokens} tokens"
+            );
+        }
+        e.take_finished();
+    }
+    assert!(saw_rejection);
+    assert_eq!(ids.len(), 5);
+    assert_eq!(e.free_blocks(), e.plan.num_blocks);
+}
+
+/// A token emitted inside an accepted run (not the first of a multi-token step) that does
+/// not occur earlier in the output: where stopping on it must cut the run.
+fn token_inside_an_accepted_run(steps: &[Vec<u32>]) -> Option<(usize, u32)> {
+    let mut at = 0;
+    let mut seen = std::collections::HashSet::new();
+    for s in steps {
+        for (j, &t) in s.iter().enumerate() {
+            if j > 0 && !seen.contains(&t) {
+                return Some((at, t));
+            }
+            seen.insert(t);
+            at += 1;
+        }
+    }
+    None
+}
+
+#[test]
+fn stop_tokens_stop_strings_and_max_new_tokens_end_an_accepted_run() {
+    let reqs = speculation_prompts();
+    let mut spec = tiny_engine(40, 16, 8);
+    spec.set_num_speculative_tokens(6);
+    let (outs, steps) = run_batch(&mut spec, &reqs);
+    let mut plain = tiny_engine(40, 16, 8);
+    let mut checked = 0;
+    for (i, r) in reqs.iter().enumerate() {
+        let Some((at, token)) = token_inside_an_accepted_run(&steps[i]) else {
+            continue;
+        };
+        // A stop token in the middle of an accepted run ends generation there.
+        let mut stop = r.clone();
+        stop.stop_ids = vec![token];
+        let exp = alone(&mut plain, &stop);
+        let (got, got_steps) = run_batch(&mut spec, std::slice::from_ref(&stop));
+        assert_eq!(got[0].token_ids, exp.token_ids, "request {i}");
+        assert_eq!(got[0].token_ids, outs[i].token_ids[..at], "request {i}");
+        assert_eq!(got[0].finish_reason, FinishReason::Stop);
+        assert_eq!(got[0].completion_tokens, at + 1);
+        let streamed: Vec<u32> = got_steps[0].iter().flatten().copied().collect();
+        assert_eq!(
+            streamed,
+            outs[i].token_ids[..=at],
+            "nothing after the stop token"
+        );
+        // So does a stop string made of that token's text: the answer is the one plain
+        // decoding gives, cut before it.
+        let mut stop_text = r.clone();
+        stop_text.stop = vec![format!(" {}", spec.tokenizer.id_to_token(token).unwrap())];
+        let exp = alone(&mut plain, &stop_text);
+        let (got, _) = run_batch(&mut spec, std::slice::from_ref(&stop_text));
+        assert_eq!(got[0].token_ids, exp.token_ids, "request {i}");
+        assert_eq!(got[0].text, exp.text, "request {i}");
+        assert_eq!(got[0].finish_reason, FinishReason::Stop);
+        assert!(got[0].token_ids.len() <= at + 1);
+        // So does max_new_tokens.
+        let mut short = r.clone();
+        short.params.max_new_tokens = at + 1;
+        let (got, _) = run_batch(&mut spec, std::slice::from_ref(&short));
+        assert_eq!(got[0].token_ids, outs[i].token_ids[..=at], "request {i}");
+        assert_eq!(got[0].finish_reason, FinishReason::Length);
+        checked += 1;
+    }
+    assert!(checked >= 2, "accepted runs to cut: {checked}");
+}
+
+#[test]
+fn speculation_near_the_session_length_stops_there() {
+    let mut e = tiny_engine(4, 16, 4);
+    let mut plain = tiny_engine(4, 16, 4);
+    let mut r = request(1, 1, 100);
+    r.prompt = [1u32, 2, 3, 4].iter().cycle().take(41).copied().collect();
+    let exp = alone(&mut plain, &r);
+    e.set_num_speculative_tokens(16);
+    let (got, _) = run_batch(&mut e, std::slice::from_ref(&r));
+    assert_eq!(got[0].token_ids, exp.token_ids);
+    assert_eq!(got[0].prompt_tokens + got[0].completion_tokens, 64);
+    assert_eq!(got[0].finish_reason, FinishReason::Length);
+}

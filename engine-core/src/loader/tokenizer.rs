@@ -214,6 +214,38 @@ impl Tokenizer {
         })
     }
 
+    /// A stand-in for models without a tokenizer (random weights of a named shape): word
+    /// `t{i}` is id `i`, words are split at whitespace, and there are no BOS, EOS or chat
+    /// template. Benchmarks feed it token ids, so its only use is turning ids into text.
+    pub fn synthetic(vocab_size: usize) -> Result<Self, KvqError> {
+        let vocab: serde_json::Map<String, serde_json::Value> = (0..vocab_size)
+            .map(|i| (format!("t{i}"), i.into()))
+            .collect();
+        let json = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": [],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "WhitespaceSplit"},
+            "post_processor": null,
+            "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
+        });
+        let origin = format!("synthetic tokenizer of {vocab_size} ids");
+        let inner = json
+            .to_string()
+            .parse::<tokenizers::Tokenizer>()
+            .map_err(|e| model_err(&origin, e))?;
+        Ok(Self {
+            inner,
+            bos_id: None,
+            eos_id: None,
+            chat_template: None,
+            origin,
+        })
+    }
+
     /// Reads an HF `tokenizer.json`. BOS/EOS and the chat template come from the
     /// `tokenizer_config.json` (and `chat_template.jinja`) beside it when they exist.
     pub fn from_tokenizer_json(path: &Path) -> Result<Self, KvqError> {
@@ -341,6 +373,20 @@ fn pre_tokenizer_for(pre: &str) -> Result<(PreTokenizerWrapper, bool), String> {
             ))
         }
     })
+}
+
+#[cfg(test)]
+mod synthetic_tests {
+    use super::*;
+
+    #[test]
+    fn the_synthetic_tokenizer_maps_words_to_ids() {
+        let t = Tokenizer::synthetic(1000).unwrap();
+        assert_eq!(t.vocab_size(), 1000);
+        assert_eq!(t.encode("t5 t999", false).unwrap(), vec![5, 999]);
+        assert_eq!(t.decode(&[5, 999]).unwrap(), "t5 t999");
+        assert_eq!((t.bos_id(), t.eos_id()), (None, None));
+    }
 }
 
 #[cfg(test)]

@@ -52,8 +52,18 @@ pub struct SeqInput<'a> {
 pub enum LogitsFor {
     /// The last token of each sequence (generation).
     LastToken,
-    /// Every token (teacher-forced evaluation, speculative verification).
+    /// Every token (teacher-forced evaluation).
     AllTokens,
+}
+
+impl LogitsFor {
+    /// How many trailing tokens of each sequence get logits.
+    pub fn rows(self, seqs: &[SeqInput<'_>]) -> Vec<usize> {
+        match self {
+            LogitsFor::LastToken => vec![1; seqs.len()],
+            LogitsFor::AllTokens => seqs.iter().map(|s| s.tokens.len()).collect(),
+        }
+    }
 }
 
 impl LlamaModel {
@@ -148,14 +158,41 @@ impl LlamaModel {
         layers: Path,
         head: Path,
     ) -> Result<Vec<f32>, KvqError> {
+        self.forward_rows(backend, cache, seqs, &which.rows(seqs), layers, head)
+    }
+
+    /// Like [`LlamaModel::forward_with`], with logits for the last `logit_rows[i]` tokens of
+    /// sequence `i` (speculative verification scores the last token and every draft after
+    /// it); rows are sequences in order, each sequence's positions in order.
+    pub fn forward_rows(
+        &self,
+        backend: &dyn AttentionBackend,
+        cache: &mut PagedKvCache,
+        seqs: &[SeqInput<'_>],
+        logit_rows: &[usize],
+        layers: Path,
+        head: Path,
+    ) -> Result<Vec<f32>, KvqError> {
+        if logit_rows.len() != seqs.len()
+            || seqs
+                .iter()
+                .zip(logit_rows)
+                .any(|(s, &n)| n == 0 || n > s.tokens.len())
+        {
+            return Err(KvqError::InvalidArgument(format!(
+                "logit rows {logit_rows:?} do not fit {} sequences of {:?} tokens",
+                seqs.len(),
+                seqs.iter().map(|s| s.tokens.len()).collect::<Vec<_>>()
+            )));
+        }
         let paths = (layers, head);
         if rayon::current_thread_index().is_some() {
-            return self.forward_in_pool(backend, cache, seqs, which, paths);
+            return self.forward_in_pool(backend, cache, seqs, logit_rows, paths);
         }
         // Run the whole pass on a pool thread: the hundreds of parallel kernels of one step
         // then fork and join inside the pool, instead of each one waking the pool from outside
         // and putting this thread to sleep until it is done.
-        rayon::scope(|_| self.forward_in_pool(backend, cache, seqs, which, paths))
+        rayon::scope(|_| self.forward_in_pool(backend, cache, seqs, logit_rows, paths))
     }
 
     fn forward_in_pool(
@@ -163,7 +200,7 @@ impl LlamaModel {
         backend: &dyn AttentionBackend,
         cache: &mut PagedKvCache,
         seqs: &[SeqInput<'_>],
-        which: LogitsFor,
+        logit_rows: &[usize],
         (path, head): (Path, Path),
     ) -> Result<Vec<f32>, KvqError> {
         let s = &self.spec;
@@ -256,13 +293,24 @@ impl LlamaModel {
             layer.w_down.forward_into_with(&gate, &mut o, path);
             add_assign(&mut x, &o);
         }
-        let mut last = match which {
-            LogitsFor::AllTokens => x,
-            LogitsFor::LastToken => batch
+        let mut last = if batch
+            .seqs
+            .iter()
+            .zip(logit_rows)
+            .all(|(q, &n)| n == q.q_len)
+        {
+            x
+        } else {
+            batch
                 .seqs
                 .iter()
-                .flat_map(|q| x[(q.q_start + q.q_len - 1) * hd..][..hd].iter().copied())
-                .collect(),
+                .zip(logit_rows)
+                .flat_map(|(q, &n)| {
+                    x[(q.q_start + q.q_len - n) * hd..][..n * hd]
+                        .iter()
+                        .copied()
+                })
+                .collect()
         };
         rms_norm(&mut last, &self.final_norm, s.rms_norm_eps);
         let out_head = self.lm_head();

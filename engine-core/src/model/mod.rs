@@ -3,6 +3,7 @@
 //! GGUF file or an HF directory's safetensors.
 
 mod llama;
+mod random;
 mod runner;
 mod safetensors;
 mod weights;
@@ -12,6 +13,10 @@ pub(crate) mod hf_dir_tests;
 
 pub use self::safetensors::{hf_tensor_name, SafetensorsWeights, SAFETENSORS_INDEX};
 pub use llama::{LlamaLayer, LlamaModel, LogitsFor, SeqInput};
+pub use random::{
+    check_fits_in_memory, f32_weight_bytes, model_shape, parameter_count, random_llama,
+    MODEL_SHAPES,
+};
 pub use runner::{
     device_runner_factory, DeviceRunner, DeviceRunnerRegistration, DeviceRunnerRequest, ForwardPass,
 };

@@ -18,27 +18,23 @@ pub trait ForwardPass: Send {
     /// The model's shape.
     fn spec(&self) -> &ModelSpec;
 
-    /// Runs the model on `seqs`, storing their K/V and returning logits (`[rows, vocab]`, rows
-    /// as `which` says, sequences in order). `layers`/`head` fix the CPU product paths (see
-    /// [`LlamaModel::forward_with`]); a device runner has one path and ignores them. A runner
-    /// that keeps its own cache (a device runner) takes `cache` only for its block
-    /// size; the block tables index its own cache.
-    fn forward_with(
+    /// Runs the model on `seqs`, storing their K/V and returning the logits of the last
+    /// `logit_rows[i]` tokens of sequence `i` (`[rows, vocab]`, sequences in order; speculative
+    /// verification scores the last token and every draft after it). `layers`/`head` fix the
+    /// CPU product paths (see [`LlamaModel::forward_with`]); a device runner has one path and
+    /// ignores them. A runner that keeps its own cache (a device runner) takes `cache` only for
+    /// its block size; the block tables index its own cache.
+    fn forward_rows(
         &mut self,
         backend: &dyn AttentionBackend,
         cache: &mut PagedKvCache,
         seqs: &[SeqInput<'_>],
-        which: LogitsFor,
+        logit_rows: &[usize],
         layers: Path,
         head: Path,
     ) -> Result<Vec<f32>, KvqError>;
-}
 
-impl ForwardPass for LlamaModel {
-    fn spec(&self) -> &ModelSpec {
-        &self.spec
-    }
-
+    /// [`ForwardPass::forward_rows`] with the rows `which` names.
     fn forward_with(
         &mut self,
         backend: &dyn AttentionBackend,
@@ -48,7 +44,26 @@ impl ForwardPass for LlamaModel {
         layers: Path,
         head: Path,
     ) -> Result<Vec<f32>, KvqError> {
-        LlamaModel::forward_with(self, backend, cache, seqs, which, layers, head)
+        let rows = which.rows(seqs);
+        self.forward_rows(backend, cache, seqs, &rows, layers, head)
+    }
+}
+
+impl ForwardPass for LlamaModel {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn forward_rows(
+        &mut self,
+        backend: &dyn AttentionBackend,
+        cache: &mut PagedKvCache,
+        seqs: &[SeqInput<'_>],
+        logit_rows: &[usize],
+        layers: Path,
+        head: Path,
+    ) -> Result<Vec<f32>, KvqError> {
+        LlamaModel::forward_rows(self, backend, cache, seqs, logit_rows, layers, head)
     }
 }
 
