@@ -200,7 +200,12 @@ pub fn run(a: ThroughputBenchArgs) -> Result<(), KvqError> {
         if !a.json {
             eprintln!("{spec}: {}", engine.summary());
         }
-        rows.push(run_config(engine, jobs, &a)?);
+        let row = run_config(engine, jobs, &a)?;
+        if !a.json {
+            // Each result as soon as it is measured, so a long run interrupted keeps them.
+            eprintln!("{spec}: {}", serde_json::to_string(&row).expect("json"));
+        }
+        rows.push(row);
     }
     let jobs = jobs.expect("at least one configuration");
     let input_total: usize = jobs.iter().map(|j| j.prompt.len()).sum();
