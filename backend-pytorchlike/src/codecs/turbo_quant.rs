@@ -25,21 +25,21 @@ use engine_core::KvDtype;
 
 use super::lloyd_max::{ScaledCodebook, B2, B3, C2, C3};
 
-const EPS: f64 = 1e-8;
+pub(crate) const EPS: f64 = 1e-8;
 
 /// `sqrt(Σ yⱼ² + 1e-8)` of the sanitized vector, in f64.
-fn norm(y: &[f32], dtype: KvDtype) -> f64 {
+pub(crate) fn norm(y: &[f32], dtype: KvDtype) -> f64 {
     let sum: f64 = y.iter().map(|&v| (sanitize(v, dtype) as f64).powi(2)).sum();
     (sum + EPS).sqrt()
 }
 
 /// The unit-vector coordinate `yⱼ / n` in f32.
 #[inline]
-fn unit(y: f32, n: f64, dtype: KvDtype) -> f32 {
+pub(crate) fn unit(y: f32, n: f64, dtype: KvDtype) -> f32 {
     (sanitize(y, dtype) as f64 / n) as f32
 }
 
-fn check_dim(dim: usize, what: &str) {
+pub(crate) fn check_dim(dim: usize, what: &str) {
     assert!(
         is_power_of_two(dim) && dim >= 4,
         "TurboQuant {what} needs a power-of-two head dim of at least 4, got {dim}"
