@@ -18,6 +18,7 @@
 //! | `lm2` | 2-bit Lloyd–Max of the rotated unit vector + f16 norm (policy 42's V) | 2.25 | 2.125 |
 //! | `lm3` | 3-bit Lloyd–Max + f16 norm | 3.25 | 3.125 |
 //! | `lm4` | 4-bit Lloyd–Max + f16 norm (TurboQuant's MSE-only 4-bit K) | 4.25 | 4.125 |
+//! | `lm2u`, `lm3u`, `lm4u` | the same codes, norm stored as `n/⟨u, ĉ⟩` so that `⟨x̂, x⟩ = ‖x‖²` (no shrinkage) | as lm2–lm4 | as lm2–lm4 |
 //! | `tqprod3` | TurboQuant_prod: random-sign rotation, 2-bit Lloyd–Max, 1-bit QJL of the residual + 2 f16 norms | 3.5 | 3.25 |
 //!
 //! The Lloyd–Max sides (`tq3s`, `lm*`, `tqprod3`) always work in a rotated domain; `rotate`
@@ -39,11 +40,14 @@ pub enum SideKind {
     Lm2,
     Lm3,
     Lm4,
+    Lm2u,
+    Lm3u,
+    Lm4u,
     Tqprod3,
 }
 
 impl SideKind {
-    pub const ALL: [SideKind; 8] = [
+    pub const ALL: [SideKind; 11] = [
         SideKind::Fp16,
         SideKind::Int8,
         SideKind::Int4,
@@ -51,6 +55,9 @@ impl SideKind {
         SideKind::Lm2,
         SideKind::Lm3,
         SideKind::Lm4,
+        SideKind::Lm2u,
+        SideKind::Lm3u,
+        SideKind::Lm4u,
         SideKind::Tqprod3,
     ];
 
@@ -63,6 +70,9 @@ impl SideKind {
             SideKind::Lm2 => "lm2",
             SideKind::Lm3 => "lm3",
             SideKind::Lm4 => "lm4",
+            SideKind::Lm2u => "lm2u",
+            SideKind::Lm3u => "lm3u",
+            SideKind::Lm4u => "lm4u",
             SideKind::Tqprod3 => "tqprod3",
         }
     }

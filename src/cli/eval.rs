@@ -61,12 +61,12 @@ const SWEEP_CONFIGS: [&str; 14] = [
     "pytorch:k=int4,v=int4,rotate",
     "pytorch:k=int8,v=int4,rotate",
     "pytorch:k=lm4,v=lm4",
-    "pytorch:k=int4,v=lm4,rotate",
-    "pytorch:k=lm4,v=lm3",
     "pytorch:k=int4,v=lm3,rotate",
     "pytorch:k=tq3s,v=lm3",
-    "pytorch:k=lm3,v=lm3",
+    "pytorch:k=lm4,v=lm3u",
     "pytorch:k=lm4,v=lm2",
+    "pytorch:k=lm4,v=lm2u",
+    "pytorch:k=int4,v=lm2u,rotate",
     "pytorch:k=tqprod3,v=lm3",
 ];
 

@@ -2,4 +2,5 @@
 
 mod bench;
 mod check_config;
+mod eval;
 mod serve;

@@ -10,7 +10,7 @@ use engine_core::KvDtype;
 
 use super::lloyd_max::{B3, B4, C3, C4};
 use super::packing::{pack_bits, unpack_bits};
-use super::turbo_quant::{check_dim, norm, unit};
+use super::turbo_quant::{check_dim, norm, unit, unshrunk_norm};
 
 /// A b-bit (3 or 4) Lloyd–Max side.
 #[derive(Debug, Clone)]
@@ -21,6 +21,8 @@ pub struct LloydMaxSide {
     /// Centroids and boundaries scaled by 1/√D.
     centroids: Vec<f32>,
     bounds: Vec<f32>,
+    /// Store `n / ⟨u, ĉ⟩` (the `lm3u`/`lm4u` sides, see `unshrunk_norm`).
+    unshrink: bool,
 }
 
 impl LloydMaxSide {
@@ -43,6 +45,15 @@ impl LloydMaxSide {
             dtype,
             centroids: c.iter().map(|v| v * sigma).collect(),
             bounds: b.iter().map(|v| v * sigma).collect(),
+            unshrink: false,
+        }
+    }
+
+    /// The same codes with the un-shrunk norm (`lm3u`, `lm4u`).
+    pub fn unshrunk(dim: usize, bits: u32, dtype: KvDtype) -> Self {
+        Self {
+            unshrink: true,
+            ..Self::new(dim, bits, dtype)
         }
     }
 
@@ -73,6 +84,16 @@ impl SideCodec for LloydMaxSide {
             .map(|&v| self.index(unit(v, n, self.dtype)))
             .collect();
         pack_bits(&codes, self.bits, &mut data[..self.bytes().data]);
+        let n = if self.unshrink {
+            let proj: f64 = y
+                .iter()
+                .zip(&codes)
+                .map(|(&v, &i)| unit(v, n, self.dtype) as f64 * self.centroids[i as usize] as f64)
+                .sum();
+            unshrunk_norm(n, proj)
+        } else {
+            n
+        };
         self.dtype
             .store_at(self.dtype.round_saturating(n as f32), meta, 0);
     }
@@ -129,6 +150,53 @@ mod tests {
         let (d, _) = encode(&side, &y);
         let idx: Vec<u8> = (0..8).map(|j| unpack_bits(&d, 3, j)).collect();
         assert_eq!(idx, [4, 2, 2, 6, 5, 6, 1, 3]);
+    }
+
+    /// The `u` variants keep the codes and make `⟨x̂, x⟩ = ‖x‖²` (no shrinkage), for 2, 3 and
+    /// 4 bits, on fresh random vectors.
+    #[test]
+    fn unshrunk_sides_project_exactly_onto_the_input() {
+        use crate::codecs::LloydMax2Side;
+        let mut r = rng(fresh_seed("unshrunk Lloyd–Max"));
+        let dim = 64;
+        let sides: Vec<(Box<dyn SideCodec>, Box<dyn SideCodec>)> = vec![
+            (
+                Box::new(LloydMax2Side::new(dim, KvDtype::F32)),
+                Box::new(LloydMax2Side::unshrunk(dim, KvDtype::F32)),
+            ),
+            (
+                Box::new(LloydMaxSide::new(dim, 3, KvDtype::F32)),
+                Box::new(LloydMaxSide::unshrunk(dim, 3, KvDtype::F32)),
+            ),
+            (
+                Box::new(LloydMaxSide::new(dim, 4, KvDtype::F32)),
+                Box::new(LloydMaxSide::unshrunk(dim, 4, KvDtype::F32)),
+            ),
+        ];
+        for (plain, unshrunk) in &sides {
+            let mut plain_ratio = 0f32;
+            for _ in 0..50 {
+                let x = gaussian(&mut r, dim);
+                let b = plain.bytes();
+                let (mut d1, mut m1) = (vec![0u8; b.data], vec![0u8; b.meta]);
+                let (mut d2, mut m2) = (vec![0u8; b.data], vec![0u8; b.meta]);
+                plain.encode(&x, &mut d1, &mut m1);
+                unshrunk.encode(&x, &mut d2, &mut m2);
+                assert_eq!(d1, d2, "same codes");
+                let mut out = vec![f32::NAN; dim];
+                unshrunk.decode(&d2, &m2, &mut out);
+                let dot = engine_core::codec::dot;
+                let (xx, xo) = (dot(&x, &x), dot(&x, &out));
+                assert!((xo / xx - 1.0).abs() < 1e-4, "<x, x̂> {xo} vs ‖x‖² {xx}");
+                plain.decode(&d1, &m1, &mut out);
+                plain_ratio += dot(&x, &out) / xx / 50.0;
+            }
+            // The plain sides shrink by about 1 − MSE (0.88, 0.97, 0.99).
+            assert!(
+                plain_ratio < 0.999,
+                "plain side does not shrink: {plain_ratio}"
+            );
+        }
     }
 
     /// Per-vector squared error on random unit vectors against Lloyd–Max theory

@@ -28,6 +28,9 @@ pub fn build_side(kind: SideKind, rotate: bool, dim: usize, dtype: KvDtype) -> A
         (SideKind::Lm2, _) => rotated(LloydMax2Side::new(dim, dtype), dtype),
         (SideKind::Lm3, _) => rotated(LloydMaxSide::new(dim, 3, dtype), dtype),
         (SideKind::Lm4, _) => rotated(LloydMaxSide::new(dim, 4, dtype), dtype),
+        (SideKind::Lm2u, _) => rotated(LloydMax2Side::unshrunk(dim, dtype), dtype),
+        (SideKind::Lm3u, _) => rotated(LloydMaxSide::unshrunk(dim, 3, dtype), dtype),
+        (SideKind::Lm4u, _) => rotated(LloydMaxSide::unshrunk(dim, 4, dtype), dtype),
         (SideKind::Tqprod3, _) => rotated(TqProdSide::new(dim, dtype), dtype),
     }
 }
