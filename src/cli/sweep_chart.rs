@@ -111,18 +111,27 @@ pub fn render(title: &str, points: &[Point]) -> String {
         r##"<polyline points="{}" fill="none" stroke="#c0392b" stroke-width="1.5" stroke-dasharray="5,3"/>"##,
         line.join(" ")
     );
+    // Labels go right of their point, moved down past any label already placed there.
+    let mut placed: Vec<(f64, f64, f64)> = Vec::new();
     for (i, p) in pts.iter().enumerate() {
         let on = front.contains(&i);
         let (cx, cy) = (x(p.bits), y(p.kld));
         let fill = if on { "#c0392b" } else { "#2c3e50" };
+        let (lx, width) = (cx + 6.0, 6.5 * p.label.chars().count() as f64);
+        let mut ly = cy - 5.0;
+        while placed
+            .iter()
+            .any(|&(px, py, pw)| lx < px + pw && px < lx + width && (ly - py).abs() < 12.0)
+        {
+            ly += 12.0;
+        }
+        placed.push((lx, ly, width));
         let _ = writeln!(
             s,
-            r#"<circle cx="{cx:.1}" cy="{cy:.1}" r="4" fill="{fill}"><title>{} {:.3} bits, mean KLD {:.5}</title></circle><text x="{:.1}" y="{:.1}" fill="{fill}">{}</text>"#,
+            r#"<circle cx="{cx:.1}" cy="{cy:.1}" r="4" fill="{fill}"><title>{} {:.3} bits, mean KLD {:.5}</title></circle><text x="{lx:.1}" y="{ly:.1}" fill="{fill}">{}</text>"#,
             escape(&p.label),
             p.bits,
             p.kld,
-            cx + 6.0,
-            cy - 5.0,
             escape(&p.label)
         );
     }
