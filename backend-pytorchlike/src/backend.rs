@@ -8,10 +8,10 @@ use std::sync::Arc;
 use engine_core::backend::{build_registered_codec, validate_common, Capabilities};
 use engine_core::cache::CacheLayout;
 use engine_core::codec::{float_codec, KvCodec};
-use engine_core::config::CodecChoice;
+use engine_core::config::{CodecChoice, DeviceChoice};
 use engine_core::{AttentionBackend, ConfigError, EngineConfig, KvDtype, ModelSpec};
 
-use crate::codecs::{int4_codec, int8_codec, turbo_quant_codec};
+use crate::codecs::{int4_codec, int8_codec, sides_codec, turbo_quant_codec};
 use crate::validate::{check_head_dims, check_turbo_quant_options, BACKEND};
 
 /// Every region of a (layer, block) slot starts on this boundary, as in LMDeploy's pool.
@@ -35,6 +35,7 @@ pub fn codec_for(
         CodecChoice::Int4 => Arc::new(int4_codec(dk, dv, dtype)),
         CodecChoice::TurboQuant => Arc::new(turbo_quant_codec(dk, dv, dtype)),
         CodecChoice::Registered(name) => Arc::from(build_registered_codec(name, spec, dtype)?),
+        CodecChoice::Sides(c) => Arc::new(sides_codec(c, dk, dv, dtype)),
     })
 }
 
@@ -55,6 +56,19 @@ impl AttentionBackend for PytorchBackend {
     /// dims) and int4's even head dim; finally builds the codec so registry and dimension
     /// errors surface here rather than mid-run.
     fn validate(&self, spec: &ModelSpec, cfg: &EngineConfig) -> Result<(), ConfigError> {
+        if let (Ok(DeviceChoice::Cuda(_)), Ok(choice)) = (cfg.device(), cfg.codec_choice()) {
+            let codec = codec_for(&choice, spec, cfg.engine.dtype.resolve(spec.dtype))?;
+            if codec.gpu_kernel().is_none() {
+                return Err(ConfigError::Unsupported {
+                    backend: BACKEND.into(),
+                    reason: format!(
+                        "codec \"{}\" has no GPU kernel, so it cannot run with device = \"cuda\"; \
+                         use device = \"cpu\", or a codec with one (quant_policy 0, 8, 4 or 42)",
+                        codec.name()
+                    ),
+                });
+            }
+        }
         validate_common(BACKEND, spec, cfg)?;
         if cfg.codec_choice()? == CodecChoice::TurboQuant {
             check_turbo_quant_options(spec, cfg)?;
@@ -133,6 +147,104 @@ mod tests {
             v.push(codec(CodecChoice::TurboQuant, d));
         }
         v
+    }
+
+    /// Every `[cache]` side once on K and once on V (paired with another side, so mixed
+    /// domains and sizes are covered), rotated and not.
+    fn side_codecs(d: usize) -> Vec<Arc<dyn KvCodec>> {
+        use engine_core::config::{CacheSection, SideKind};
+        let kinds = SideKind::ALL;
+        let mut v = Vec::new();
+        for (i, &k) in kinds.iter().enumerate() {
+            let other = kinds[(i + 3) % kinds.len()];
+            for (kk, vv, rotate) in [(k, other, false), (other, k, true)] {
+                let c = CacheSection {
+                    k: kk,
+                    v: vv,
+                    rotate,
+                };
+                let choice = CodecChoice::Sides(c);
+                if check_head_dims(&choice, &spec(d)).is_ok() {
+                    v.push(codec(choice, d));
+                }
+            }
+        }
+        v
+    }
+
+    /// The sides accepted at D = 64 and refused (with the dimension named) at D = 96.
+    #[test]
+    fn cache_sides_build_with_their_sizes_or_are_refused() {
+        use engine_core::config::{CacheSection, SideKind};
+        let want = [
+            (SideKind::Fp16, 16.0, 16.0),
+            (SideKind::Int8, 8.5, 8.25),
+            (SideKind::Int4, 4.5, 4.25),
+            (SideKind::Tq3s, 4.5, 4.25),
+            (SideKind::Lm2, 2.25, 2.125),
+            (SideKind::Lm3, 3.25, 3.125),
+            (SideKind::Lm4, 4.25, 4.125),
+            (SideKind::Tqprod3, 3.5, 3.25),
+        ];
+        for (kind, b64, b128) in want {
+            for (d, bits) in [(64, b64), (128, b128)] {
+                let c = codec(
+                    CodecChoice::Sides(CacheSection {
+                        k: kind,
+                        v: kind,
+                        rotate: true,
+                    }),
+                    d,
+                );
+                assert_eq!(c.bits_per_element(), bits, "{} D={d}", kind.name());
+                assert_eq!(c.gpu_kernel(), None);
+            }
+            let choice = CodecChoice::Sides(CacheSection {
+                k: SideKind::Int8,
+                v: kind,
+                rotate: false,
+            });
+            let r = check_head_dims(&choice, &spec(96));
+            assert_eq!(
+                r.is_ok(),
+                matches!(kind, SideKind::Fp16 | SideKind::Int8 | SideKind::Int4),
+                "{}",
+                kind.name()
+            );
+            if let Err(e) = r {
+                assert!(e.to_string().contains("head_dim_v = 96"), "{e}");
+            }
+        }
+        // Asymmetric sizes reach the planner's layout: K int8 (64 + 4) and V lm2 (16 + 2).
+        let c = codec(
+            CodecChoice::Sides(CacheSection {
+                k: SideKind::Int8,
+                v: SideKind::Lm2,
+                rotate: false,
+            }),
+            64,
+        );
+        assert_eq!(c.name(), "k:int8+v:lm2");
+        assert_eq!(c.bits_per_element(), (68.0 + 18.0) * 8.0 / 128.0);
+        let layout = PytorchBackend.cache_layout(c.as_ref(), 1, 3, 64);
+        assert_eq!(layout.bytes_per_token(), 3 * (68 + 18));
+    }
+
+    /// A codec without a GPU kernel is refused for device = "cuda", by name.
+    #[test]
+    fn cache_sides_are_refused_on_cuda() {
+        let mut cfg = EngineConfig::from_toml_str("[cache]\nk = \"lm4\"\nv = \"lm3\"\n").unwrap();
+        cfg.engine.device = "cuda".into();
+        let err = PytorchBackend
+            .validate(&spec(64), &cfg)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("k:lm4+v:lm3") && err.contains("no GPU kernel") && err.contains("cpu"),
+            "{err}"
+        );
+        cfg.engine.device = "cpu".into();
+        PytorchBackend.validate(&spec(64), &cfg).unwrap();
     }
 
     fn build_test_codec(p: &CodecBuildParams) -> Result<Box<dyn KvCodec>, ConfigError> {
@@ -226,9 +338,10 @@ mod tests {
     #[test]
     fn fused_forms_and_non_finite_inputs() {
         for d in [64, 96, 128] {
-            for c in builtins(d) {
+            for c in builtins(d).into_iter().chain(side_codecs(d)) {
                 check_fused_forms(c.as_ref(), fresh_seed(&format!("fused {} D={d}", c.name())));
-                if c.policy() != Some(0) {
+                // fp16 stores NaN/inf as they are; every quantized side sanitizes.
+                if c.policy() != Some(0) && !c.name().contains("fp16") {
                     check_non_finite_input_gives_finite_output(c.as_ref());
                 }
             }
@@ -238,7 +351,7 @@ mod tests {
     #[test]
     fn paged_attention_matches_dense_attention_on_decoded_cache() {
         for d in [64, 96, 128] {
-            for c in builtins(d) {
+            for c in builtins(d).into_iter().chain(side_codecs(d)) {
                 let seed = fresh_seed(&format!("attention vs decoded {} D={d}", c.name()));
                 check_attention_matches_decoded_reference(&PytorchBackend, c, seed);
             }
@@ -288,6 +401,48 @@ mod tests {
                 );
                 assert!(
                     mean >= *mean_bound,
+                    "{} D={d}: mean cosine {mean} < {mean_bound}",
+                    choice.name()
+                );
+            }
+        }
+    }
+
+    /// `[cache]` sides (K and V the same side, int8/int4 rotated) against the fp16 cache, on
+    /// the fixed seeds and one fresh seed: (side, bound on the worst cosine, on the mean).
+    #[test]
+    fn cache_sides_attention_cosine_against_fp16_cache() {
+        use engine_core::config::{CacheSection, SideKind};
+        let bounds = [
+            (SideKind::Int8, 0.999, 0.999),
+            (SideKind::Int4, 0.97, 0.985),
+            (SideKind::Tq3s, 0.90, 0.95),
+            (SideKind::Lm4, 0.95, 0.98),
+            (SideKind::Lm3, 0.85, 0.94),
+            (SideKind::Lm2, 0.65, 0.85),
+            (SideKind::Tqprod3, 0.50, 0.75),
+        ];
+        for d in [64, 128] {
+            for &(kind, min_bound, mean_bound) in &bounds {
+                let choice = CodecChoice::Sides(CacheSection {
+                    k: kind,
+                    v: kind,
+                    rotate: true,
+                });
+                let mut seeds = vec![1, 2, 3, 4, 5, 6];
+                seeds.push(fresh_seed(&format!("cosine {} D={d}", choice.name())));
+                let (lo, mean) = cosines_vs_fp16(&choice, d, &seeds);
+                eprintln!(
+                    "cosine vs fp16: {} D={d}: min {lo:.5} mean {mean:.5}",
+                    choice.name()
+                );
+                assert!(
+                    lo >= min_bound,
+                    "{} D={d}: min cosine {lo} < {min_bound}",
+                    choice.name()
+                );
+                assert!(
+                    mean >= mean_bound,
                     "{} D={d}: mean cosine {mean} < {mean_bound}",
                     choice.name()
                 );

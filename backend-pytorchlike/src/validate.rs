@@ -1,7 +1,7 @@
 //! The pytorch backend's own rules on top of the shared ones: what policy 42 and int4 cannot
 //! run, each with a message that says what to change.
 
-use engine_core::config::CodecChoice;
+use engine_core::config::{CodecChoice, SideKind};
 use engine_core::ops::hadamard::is_power_of_two;
 use engine_core::{AttentionKind, ConfigError, EngineConfig, ModelSpec};
 
@@ -64,7 +64,35 @@ pub fn check_head_dims(choice: &CodecChoice, spec: &ModelSpec) -> Result<(), Con
                 }
             }
         }
+        CodecChoice::Sides(c) => {
+            for (side, (name, d)) in [(c.k, dims[0]), (c.v, dims[1])] {
+                check_side_dim(side, c.rotate, name, d)?;
+            }
+        }
         _ => {}
+    }
+    Ok(())
+}
+
+/// What one `[cache]` side needs of its head dim.
+fn check_side_dim(side: SideKind, rotate: bool, name: &str, d: usize) -> Result<(), ConfigError> {
+    let s = side.name();
+    if side.needs_power_of_two(rotate) && (!is_power_of_two(d) || d < 8) {
+        let why = if side.takes_rotate() {
+            "with rotate = true it is stored in the Hadamard domain, which"
+        } else {
+            "it works in the Hadamard domain, which"
+        };
+        return Err(unsupported(format!(
+            "[cache] side \"{s}\": {why} needs a power-of-two head dim of at least 8, but this \
+             model has {name} = {d}; use \"int8\", \"int4\" or \"fp16\" without rotate"
+        )));
+    }
+    if side == SideKind::Int4 && d % 2 != 0 {
+        return Err(unsupported(format!(
+            "[cache] side \"int4\" packs two 4-bit codes per byte and needs an even head dim, \
+             but this model has {name} = {d}; use \"int8\" or \"fp16\""
+        )));
     }
     Ok(())
 }

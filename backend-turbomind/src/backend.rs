@@ -69,6 +69,11 @@ fn codec_for(
             "codec \"{name}\" is a registered plugin codec, but turbomind runs only quant_policy none (0), int8 (8) \
              and int4 (4); plugin codecs run on the pytorch backend: select it with `backend = \"pytorch\"`"
         ))),
+        CodecChoice::Sides(c) => Err(unsupported(format!(
+            "a [cache] section (codec \"{}\") chooses K and V sides separately, which only the pytorch backend \
+             runs; select it with `backend = \"pytorch\"`, or use quant_policy 0, 8 or 4 here",
+            c.codec_name()
+        ))),
     }
 }
 

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+pub use crate::cache_section::{CacheSection, SideKind};
 use crate::codec::registered_codec_names;
 use crate::dtype::KvDtype;
 use crate::error::{ConfigError, KvqError};
@@ -17,6 +18,9 @@ pub struct EngineConfig {
     pub model: ModelSection,
     #[serde(default)]
     pub engine: EngineSection,
+    /// Separate K and V codecs; replaces `quant_policy` (see [`CacheSection`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSection>,
     /// Present only when speculative decoding is wanted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub speculative: Option<SpeculativeSection>,
@@ -118,6 +122,8 @@ pub enum CodecChoice {
     TurboQuant,
     /// A codec registered through `inventory`.
     Registered(String),
+    /// Separate K and V sides from `[cache]`.
+    Sides(CacheSection),
 }
 
 /// LMDeploy's policy names and numbers for the built-ins.
@@ -131,17 +137,18 @@ impl CodecChoice {
             CodecChoice::Int8 => Some(8),
             CodecChoice::Int4 => Some(4),
             CodecChoice::TurboQuant => Some(42),
-            CodecChoice::Registered(_) => None,
+            CodecChoice::Registered(_) | CodecChoice::Sides(_) => None,
         }
     }
 
-    pub fn name(&self) -> &str {
+    pub fn name(&self) -> String {
         match self {
-            CodecChoice::None => "none",
-            CodecChoice::Int8 => "int8",
-            CodecChoice::Int4 => "int4",
-            CodecChoice::TurboQuant => "turbo_quant",
-            CodecChoice::Registered(s) => s,
+            CodecChoice::None => "none".into(),
+            CodecChoice::Int8 => "int8".into(),
+            CodecChoice::Int4 => "int4".into(),
+            CodecChoice::TurboQuant => "turbo_quant".into(),
+            CodecChoice::Registered(s) => s.clone(),
+            CodecChoice::Sides(c) => c.codec_name(),
         }
     }
 }
@@ -291,6 +298,13 @@ impl EngineConfig {
         }
         self.device()?;
         e.quant_policy.resolve()?;
+        if self.cache.is_some() && e.quant_policy.resolve()? != CodecChoice::None {
+            return Err(ConfigError::Parse(format!(
+                "`engine.quant_policy = {}` and a [cache] section both choose the KV codec; \
+                 keep one of them ([cache] needs quant_policy 0 or no quant_policy)",
+                e.quant_policy
+            )));
+        }
         if let Some(s) = &self.speculative {
             if s.method != "ngram" {
                 return Err(out_of_range(
@@ -310,9 +324,13 @@ impl EngineConfig {
         Ok(())
     }
 
-    /// The resolved codec choice (valid after [`EngineConfig::validate`]).
+    /// The resolved codec choice (valid after [`EngineConfig::validate`]): `[cache]` when
+    /// present, otherwise `quant_policy`.
     pub fn codec_choice(&self) -> Result<CodecChoice, ConfigError> {
-        self.engine.quant_policy.resolve()
+        match &self.cache {
+            Some(c) => Ok(CodecChoice::Sides(c.clone())),
+            None => self.engine.quant_policy.resolve(),
+        }
     }
 
     /// Parses `engine.device`.
@@ -447,6 +465,50 @@ num_speculative_tokens = 4
         .unwrap_err()
         .to_string();
         assert!(err.contains("ngram"), "{err}");
+    }
+
+    #[test]
+    fn cache_section_selects_sides() {
+        let c = EngineConfig::from_toml_str("[cache]\nk = \"int4\"\nv = \"lm3\"\nrotate = true\n")
+            .unwrap();
+        let want = CacheSection {
+            k: SideKind::Int4,
+            v: SideKind::Lm3,
+            rotate: true,
+        };
+        assert_eq!(c.codec_choice().unwrap(), CodecChoice::Sides(want));
+        assert_eq!(c.codec_choice().unwrap().name(), "k:int4r+v:lm3");
+        // rotate defaults to false; quant_policy 0 alongside is fine.
+        let c = EngineConfig::from_toml_str(
+            "[engine]\nquant_policy = 0\n[cache]\nk = \"tq3s\"\nv = \"lm2\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.codec_choice().unwrap().name(), "k:tq3s+v:lm2");
+    }
+
+    #[test]
+    fn bad_cache_sections_are_errors_that_name_the_problem() {
+        let cases = [
+            ("[cache]\nk = \"int3\"\nv = \"int4\"\n", "int3"),
+            ("[cache]\nk = \"int4\"\n", "missing field `v`"),
+            (
+                "[cache]\nk = \"int4\"\nv = \"int4\"\nrotat = true\n",
+                "rotat",
+            ),
+            (
+                "[cache]\nk = \"int4\"\nv = \"int4\"\nrotate = \"yes\"\n",
+                "rotate",
+            ),
+            ("[cache]\nk = 4\nv = \"int4\"\n", "k"),
+            (
+                "[engine]\nquant_policy = 42\n[cache]\nk = \"int4\"\nv = \"int4\"\n",
+                "both choose the KV codec",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = EngineConfig::from_toml_str(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod backend;
 pub mod cache;
+pub mod cache_section;
 pub mod chat;
 pub mod codec;
 pub mod config;

@@ -3,7 +3,7 @@
 use clap::Args;
 use std::path::PathBuf;
 
-use kvq::config::{DtypeChoice, QuantPolicy, SpeculativeSection};
+use kvq::config::{CacheSection, DtypeChoice, QuantPolicy, SideKind, SpeculativeSection};
 use kvq::{EngineConfig, KvqError};
 
 #[derive(Args, Debug, Clone, Default)]
@@ -50,6 +50,15 @@ pub struct EngineArgs {
         alias = "num-speculative-tokens"
     )]
     pub speculative_num_draft_tokens: Option<usize>,
+    /// K side of a [cache] codec: fp16, int8, int4, tq3s, lm2, lm3, lm4, tqprod3.
+    #[arg(long = "kv-k")]
+    pub kv_k: Option<String>,
+    /// V side of a [cache] codec (same names as --kv-k).
+    #[arg(long = "kv-v")]
+    pub kv_v: Option<String>,
+    /// Store int8/int4 sides in the Hadamard domain ([cache] rotate = true).
+    #[arg(long = "kv-rotate")]
+    pub kv_rotate: bool,
 }
 
 impl EngineArgs {
@@ -106,9 +115,52 @@ impl EngineArgs {
             }
             None => {}
         }
+        apply_cache_flags(
+            &mut cfg,
+            self.kv_k.as_deref(),
+            self.kv_v.as_deref(),
+            self.kv_rotate,
+        )?;
         cfg.validate()?;
         Ok(cfg)
     }
+}
+
+/// `--kv-k`, `--kv-v`, `--kv-rotate` over the file's [cache] section (a new section needs
+/// both sides).
+pub fn apply_cache_flags(
+    cfg: &mut EngineConfig,
+    k: Option<&str>,
+    v: Option<&str>,
+    rotate: bool,
+) -> Result<(), KvqError> {
+    if k.is_none() && v.is_none() && !rotate {
+        return Ok(());
+    }
+    let side = |key: &'static str, s: &str| {
+        SideKind::parse(s).map_err(|expected| kvq::ConfigError::OutOfRange {
+            key,
+            value: format!("\"{s}\""),
+            expected,
+        })
+    };
+    let k = k.map(|s| side("--kv-k", s)).transpose()?;
+    let v = v.map(|s| side("--kv-v", s)).transpose()?;
+    let cache = match (cfg.cache.take(), k, v) {
+        (Some(c), k, v) => CacheSection {
+            k: k.unwrap_or(c.k),
+            v: v.unwrap_or(c.v),
+            rotate: c.rotate || rotate,
+        },
+        (None, Some(k), Some(v)) => CacheSection { k, v, rotate },
+        (None, _, _) => return Err(KvqError::InvalidArgument(
+            "--kv-k, --kv-v and --kv-rotate build a [cache] codec: give both --kv-k and --kv-v \
+                 (or a config file with a [cache] section)"
+                .into(),
+        )),
+    };
+    cfg.cache = Some(cache);
+    Ok(())
 }
 
 fn parse_dtype(s: &str) -> Result<DtypeChoice, KvqError> {

@@ -9,7 +9,8 @@ use kvq::engine::load_model;
 use kvq::eval::{evaluate, EvalRow};
 use kvq::{EngineConfig, KvqError};
 
-use super::args::EngineArgs;
+use super::args::{apply_cache_flags, EngineArgs};
+use super::sweep_chart::{pareto_front, render, Point};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -25,9 +26,18 @@ pub struct EvalArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Configurations as BACKEND:POLICY (default: every built-in policy on both backends).
-    #[arg(long = "configs", value_delimiter = ',')]
+    /// Configurations, comma-separated: BACKEND:POLICY (e.g. `pytorch:4`) or
+    /// BACKEND:k=SIDE,v=SIDE[,rotate] (e.g. `pytorch:k=int4,v=lm3,rotate`). Default: every
+    /// built-in policy on both backends, or the sweep set with --sweep.
+    #[arg(long = "configs")]
     pub configs: Vec<String>,
+    /// Sweep codecs for accuracy per bit: the default configurations become the sweep set,
+    /// and the table marks the Pareto front (fewest bits for the mean KLD).
+    #[arg(long)]
+    pub sweep: bool,
+    /// Write a chart of mean KLD (log scale) against bits per element to this SVG file.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -40,6 +50,24 @@ const DEFAULT_CONFIGS: [&str; 6] = [
     "pytorch:4",
     "turbomind:4",
     "pytorch:42",
+];
+
+/// `--sweep` without `--configs`: the LMDeploy policies and the [cache] combinations.
+const SWEEP_CONFIGS: [&str; 14] = [
+    "pytorch:8",
+    "pytorch:4",
+    "pytorch:42",
+    "pytorch:k=int8,v=int8,rotate",
+    "pytorch:k=int4,v=int4,rotate",
+    "pytorch:k=int8,v=int4,rotate",
+    "pytorch:k=lm4,v=lm4",
+    "pytorch:k=int4,v=lm3,rotate",
+    "pytorch:k=tq3s,v=lm3",
+    "pytorch:k=lm4,v=lm3u",
+    "pytorch:k=lm4,v=lm2",
+    "pytorch:k=lm4,v=lm2u",
+    "pytorch:k=int4,v=lm2u,rotate",
+    "pytorch:k=tqprod3,v=lm3",
 ];
 
 pub fn run(a: EvalArgs) -> Result<(), KvqError> {
@@ -61,10 +89,12 @@ pub fn run(a: EvalArgs) -> Result<(), KvqError> {
     }
     let tokens = &all[a.offset..a.offset + a.ctx];
     let reference = with(&base, "pytorch", QuantPolicy::Number(0));
-    let specs: Vec<String> = if a.configs.is_empty() {
-        DEFAULT_CONFIGS.iter().map(|s| s.to_string()).collect()
+    let specs: Vec<String> = if !a.configs.is_empty() {
+        split_configs(&a.configs)
+    } else if a.sweep {
+        SWEEP_CONFIGS.iter().map(|s| s.to_string()).collect()
     } else {
-        a.configs.clone()
+        DEFAULT_CONFIGS.iter().map(|s| s.to_string()).collect()
     };
     let configs = specs
         .iter()
@@ -84,6 +114,41 @@ pub fn run(a: EvalArgs) -> Result<(), KvqError> {
             println!("{}", format_row(r));
         }
     })?;
+    let points: Vec<Point> = rows[1..]
+        .iter()
+        .map(|r| Point {
+            label: format!("{}:{}", r.backend, r.codec),
+            bits: r.bits_per_element,
+            kld: r.mean_kld,
+        })
+        .collect();
+    let front = pareto_front(&points);
+    if a.sweep && !a.json {
+        println!("\nPareto front (bits/elem, mean KLD):");
+        for &i in &front {
+            println!(
+                "  {:<36} {:>6.3} {:>10.5}",
+                points[i].label, points[i].bits, points[i].kld
+            );
+        }
+    }
+    if let Some(path) = &a.svg {
+        let title = format!(
+            "KV-cache codecs: mean KLD vs bits, {} tokens of {}",
+            tokens.len(),
+            a.text
+                .file_name()
+                .map(|f| f.to_string_lossy())
+                .unwrap_or_default()
+        );
+        std::fs::write(path, render(&title, &points)).map_err(|source| KvqError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        if !a.json {
+            eprintln!("kvq eval: chart written to {}", path.display());
+        }
+    }
     if a.json {
         let j = serde_json::json!({
             "text": a.text.display().to_string(),
@@ -101,32 +166,69 @@ fn with(base: &EngineConfig, backend: &str, policy: QuantPolicy) -> EngineConfig
     let mut c = base.clone();
     c.engine.backend = backend.to_string();
     c.engine.quant_policy = policy;
+    c.cache = None;
     c
 }
 
+/// Splits `--configs` values on commas; a piece without `:` (`v=int4`, `rotate`) continues
+/// the entry before it.
+fn split_configs(values: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for piece in values.iter().flat_map(|v| v.split(',')) {
+        let piece = piece.trim();
+        match out.last_mut() {
+            Some(last) if !piece.contains(':') => {
+                last.push(',');
+                last.push_str(piece);
+            }
+            _ => out.push(piece.to_string()),
+        }
+    }
+    out
+}
+
 fn parse_config(base: &EngineConfig, s: &str) -> Result<EngineConfig, KvqError> {
-    let (backend, policy) = s.split_once(':').ok_or_else(|| {
-        KvqError::InvalidArgument(format!("--configs entry `{s}` is not BACKEND:POLICY"))
-    })?;
-    let policy = match policy.parse::<i64>() {
-        Ok(n) => QuantPolicy::Number(n),
-        Err(_) => QuantPolicy::Name(policy.to_string()),
+    let bad = |why: &str| {
+        KvqError::InvalidArgument(format!(
+            "--configs entry `{s}`: {why}; write BACKEND:POLICY or BACKEND:k=SIDE,v=SIDE[,rotate]"
+        ))
     };
-    let c = with(base, backend, policy);
+    let (backend, rest) = s.split_once(':').ok_or_else(|| bad("no `:`"))?;
+    let mut c = base.clone();
+    c.engine.backend = backend.to_string();
+    c.cache = None;
+    if rest.contains('=') || rest == "rotate" {
+        let (mut k, mut v, mut rotate) = (None, None, false);
+        for item in rest.split(',') {
+            match item.split_once('=') {
+                Some(("k", side)) => k = Some(side),
+                Some(("v", side)) => v = Some(side),
+                None if item == "rotate" => rotate = true,
+                _ => return Err(bad(&format!("unknown item `{item}`"))),
+            }
+        }
+        c.engine.quant_policy = QuantPolicy::Number(0);
+        apply_cache_flags(&mut c, k, v, rotate)?;
+    } else {
+        c.engine.quant_policy = match rest.parse::<i64>() {
+            Ok(n) => QuantPolicy::Number(n),
+            Err(_) => QuantPolicy::Name(rest.to_string()),
+        };
+    }
     c.validate()?;
     Ok(c)
 }
 
 fn header() -> String {
     format!(
-        "{:<10} {:<12} {:>6} {:>9} {:>10} {:>10} {:>10} {:>8}",
+        "{:<10} {:<16} {:>6} {:>9} {:>10} {:>10} {:>10} {:>8}",
         "backend", "codec", "bits", "KV B/tok", "ppl", "mean KLD", "p99 KLD", "top-1"
     )
 }
 
 fn format_row(r: &EvalRow) -> String {
     format!(
-        "{:<10} {:<12} {:>6.3} {:>9} {:>10.4} {:>10.5} {:>10.5} {:>7.2}%",
+        "{:<10} {:<16} {:>6.3} {:>9} {:>10.4} {:>10.5} {:>10.5} {:>7.2}%",
         r.backend,
         r.codec,
         r.bits_per_element,

@@ -10,6 +10,7 @@ mod eval;
 mod generate;
 mod loading;
 mod serve;
+mod sweep_chart;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

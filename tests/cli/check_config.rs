@@ -156,3 +156,56 @@ fn every_invalid_config_exits_non_zero_with_the_reason() {
         assert!(err.contains(needle), "{full:?}: {err}");
     }
 }
+
+/// `--kv-k/--kv-v/--kv-rotate` build a [cache] codec whose asymmetric sizes reach the plan;
+/// incomplete or conflicting flags are refused with the reason.
+#[test]
+fn cache_side_flags_plan_asymmetric_sizes_or_are_refused() {
+    let model = fixture("smollm2-135m-config.json");
+    let out = kvq(&[
+        "check-config",
+        "--model",
+        &model,
+        "--kv-k",
+        "int4",
+        "--kv-v",
+        "lm3",
+        "--kv-rotate",
+        "--budget-gib",
+        "4",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    // K 32 + 4, V 24 + 2 bytes per token per layer per head at D = 64.
+    assert_eq!(j["bytes_per_token_per_layer_per_head"]["total"], 62, "{j}");
+    let text = j.to_string();
+    assert!(text.contains("k:int4r+v:lm3"), "{text}");
+    for (args, needle) in [
+        (vec!["--kv-k", "int4"], "give both --kv-k and --kv-v"),
+        (vec!["--kv-k", "int4", "--kv-v", "lm5"], "lm5"),
+        (
+            vec!["--kv-k", "int4", "--kv-v", "lm3", "--quant-policy", "8"],
+            "both choose the KV codec",
+        ),
+        (
+            vec!["--kv-k", "lm4", "--kv-v", "lm3", "--device", "cuda"],
+            "no GPU kernel",
+        ),
+        (
+            vec!["--kv-k", "lm4", "--kv-v", "lm3", "--backend", "turbomind"],
+            "only the pytorch backend",
+        ),
+    ] {
+        let mut full = vec!["check-config", "--model", &model];
+        full.extend(args.iter().copied());
+        let out = kvq(&full);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} accepted");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}

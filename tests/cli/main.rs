@@ -3,4 +3,5 @@
 mod bench;
 mod bench_throughput;
 mod check_config;
+mod eval;
 mod serve;

@@ -11,6 +11,6 @@ fi
 KVQ_BIN=${KVQ_BIN:-}
 if [ -z "$KVQ_BIN" ]; then
   cargo build --profile test --bin kvq
-  KVQ_BIN=target/debug/kvq
+  KVQ_BIN=${CARGO_TARGET_DIR:-target}/debug/kvq
 fi
 exec python3 tests/server/test_openai.py --kvq "$KVQ_BIN" --model models/SmolLM2-135M-Instruct.Q4_1.gguf

@@ -28,6 +28,44 @@ pub const B3: [f32; 7] = [
     1.747_927_4,
 ];
 
+/// 4-bit centroids: the converged N(0, 1) Lloyd–Max quantizer (Max 1960).
+pub const C4: [f32; 16] = [
+    -2.732_589_6,
+    -2.069_017_2,
+    -1.618_046_4,
+    -1.256_231_2,
+    -0.942_340_5,
+    -0.656_759_1,
+    -0.388_048_3,
+    -0.128_395,
+    0.128_395,
+    0.388_048_3,
+    0.656_759_1,
+    0.942_340_5,
+    1.256_231_2,
+    1.618_046_4,
+    2.069_017_2,
+    2.732_589_6,
+];
+/// 4-bit decision boundaries (midpoints of the centroids).
+pub const B4: [f32; 15] = [
+    -2.400_803_4,
+    -1.843_531_8,
+    -1.437_138_8,
+    -1.099_285_8,
+    -0.799_549_8,
+    -0.522_403_7,
+    -0.258_221_7,
+    0.0,
+    0.258_221_7,
+    0.522_403_7,
+    0.799_549_8,
+    1.099_285_8,
+    1.437_138_8,
+    1.843_531_8,
+    2.400_803_4,
+];
+
 /// A codebook scaled for unit vectors of one dimension: `N` centroids, `B = N − 1` boundaries.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScaledCodebook<const N: usize, const B: usize> {
@@ -59,11 +97,41 @@ mod tests {
 
     #[test]
     fn boundaries_are_centroid_midpoints() {
-        for (b, c) in [(&B2[..], &C2[..]), (&B3[..], &C3[..])] {
+        for (b, c) in [(&B2[..], &C2[..]), (&B3[..], &C3[..]), (&B4[..], &C4[..])] {
             for (i, &bi) in b.iter().enumerate() {
                 assert!((bi - (c[i] + c[i + 1]) / 2.0).abs() < 1e-6);
             }
         }
+    }
+
+    /// Each centroid is the conditional mean of N(0, 1) over its cell (the Lloyd–Max fixed
+    /// point), by numerical integration.
+    #[test]
+    fn centroids_are_conditional_means_of_the_normal() {
+        fn check(c: &[f32], b: &[f32]) {
+            let pdf = |x: f64| (-x * x / 2.0).exp();
+            for i in 0..c.len() {
+                let lo = if i == 0 { -12.0 } else { b[i - 1] as f64 };
+                let hi = if i == c.len() - 1 { 12.0 } else { b[i] as f64 };
+                let n = 200_000;
+                let h = (hi - lo) / n as f64;
+                let (mut m0, mut m1) = (0.0, 0.0);
+                for k in 0..n {
+                    let x = lo + (k as f64 + 0.5) * h;
+                    m0 += pdf(x);
+                    m1 += x * pdf(x);
+                }
+                let mean = m1 / m0;
+                assert!(
+                    (mean - c[i] as f64).abs() < 2e-5,
+                    "cell {i}: {mean} vs {}",
+                    c[i]
+                );
+            }
+        }
+        check(&C2, &B2);
+        check(&C3, &B3);
+        check(&C4, &B4);
     }
 
     #[test]

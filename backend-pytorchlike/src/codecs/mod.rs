@@ -5,7 +5,10 @@ pub mod affine;
 pub mod int4;
 pub mod int8;
 pub mod lloyd_max;
+pub mod lloyd_max_side;
 pub mod packing;
+pub mod sides;
+pub mod tq_prod;
 pub mod turbo_quant;
 
 #[cfg(test)]
@@ -18,6 +21,9 @@ use engine_core::KvDtype;
 
 pub use int4::Int4Side;
 pub use int8::Int8Side;
+pub use lloyd_max_side::LloydMaxSide;
+pub use sides::sides_codec;
+pub use tq_prod::TqProdSide;
 pub use turbo_quant::{turbo_quant_codec, LloydMax2Side, Qjl4Side};
 
 /// One side per head dim: shared when K and V have the same dim.

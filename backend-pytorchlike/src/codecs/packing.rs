@@ -68,3 +68,56 @@ mod tests {
         assert_eq!(b, [0x26, 0x7d]);
     }
 }
+
+/// Packs `bits`-bit codes as a little-endian bit stream: code `j` occupies bits
+/// `j·bits .. (j+1)·bits` of `out` (LSB first). `out` holds `⌈codes·bits/8⌉` bytes.
+pub fn pack_bits(codes: &[u8], bits: u32, out: &mut [u8]) {
+    out.fill(0);
+    for (j, &c) in codes.iter().enumerate() {
+        let at = j * bits as usize;
+        let word = (c as u16) << (at % 8);
+        out[at / 8] |= word as u8;
+        if at % 8 + bits as usize > 8 {
+            out[at / 8 + 1] |= (word >> 8) as u8;
+        }
+    }
+}
+
+/// Code `j` of a stream written by [`pack_bits`].
+#[inline]
+pub fn unpack_bits(packed: &[u8], bits: u32, j: usize) -> u8 {
+    let at = j * bits as usize;
+    let lo = packed[at / 8] as u16;
+    let hi = if at % 8 + bits as usize > 8 {
+        (packed[at / 8 + 1] as u16) << 8
+    } else {
+        0
+    };
+    (((lo | hi) >> (at % 8)) & ((1u16 << bits) - 1)) as u8
+}
+
+#[cfg(test)]
+mod bit_stream_tests {
+    use super::*;
+    use engine_core::testing::{fresh_seed, rng};
+    use rand::Rng;
+
+    /// Packing then unpacking returns every code, for every width and length used.
+    #[test]
+    fn bit_stream_is_bijective() {
+        let mut r = rng(fresh_seed("pack_bits"));
+        for bits in 1..=4u32 {
+            for dim in [8usize, 64, 128] {
+                let codes: Vec<u8> = (0..dim).map(|_| r.random_range(0..1u8 << bits)).collect();
+                let mut out = vec![0xAAu8; (dim * bits as usize).div_ceil(8)];
+                pack_bits(&codes, bits, &mut out);
+                let back: Vec<u8> = (0..dim).map(|j| unpack_bits(&out, bits, j)).collect();
+                assert_eq!(back, codes, "bits {bits} dim {dim}");
+            }
+        }
+        // Known layout: 3-bit codes 1..=8 (mod 8) fill 3 bytes LSB first.
+        let mut out = [0u8; 3];
+        pack_bits(&[1, 2, 3, 4, 5, 6, 7, 0], 3, &mut out);
+        assert_eq!(out, [0b1101_0001, 0b0101_1000, 0b0001_1111]);
+    }
+}

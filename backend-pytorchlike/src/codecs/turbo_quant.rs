@@ -25,21 +25,21 @@ use engine_core::KvDtype;
 
 use super::lloyd_max::{ScaledCodebook, B2, B3, C2, C3};
 
-const EPS: f64 = 1e-8;
+pub(crate) const EPS: f64 = 1e-8;
 
 /// `sqrt(Σ yⱼ² + 1e-8)` of the sanitized vector, in f64.
-fn norm(y: &[f32], dtype: KvDtype) -> f64 {
+pub(crate) fn norm(y: &[f32], dtype: KvDtype) -> f64 {
     let sum: f64 = y.iter().map(|&v| (sanitize(v, dtype) as f64).powi(2)).sum();
     (sum + EPS).sqrt()
 }
 
 /// The unit-vector coordinate `yⱼ / n` in f32.
 #[inline]
-fn unit(y: f32, n: f64, dtype: KvDtype) -> f32 {
+pub(crate) fn unit(y: f32, n: f64, dtype: KvDtype) -> f32 {
     (sanitize(y, dtype) as f64 / n) as f32
 }
 
-fn check_dim(dim: usize, what: &str) {
+pub(crate) fn check_dim(dim: usize, what: &str) {
     assert!(
         is_power_of_two(dim) && dim >= 4,
         "TurboQuant {what} needs a power-of-two head dim of at least 4, got {dim}"
@@ -169,12 +169,27 @@ impl SideCodec for Qjl4Side {
     }
 }
 
+/// The stored norm of the `…u` Lloyd–Max sides: `n / ⟨u, ĉ⟩`, `ĉ` the centroids of the
+/// unit vector `u`. A Lloyd–Max reconstruction is shrunk along `u` (`⟨u, ĉ⟩ = ‖ĉ‖² ≈ 1 − MSE`,
+/// 0.88 at 2 bits); this makes `⟨x̂, x⟩ = ‖x‖²` exactly, so that averaging many decoded V
+/// vectors (attention's output) is not shrunk, at a slightly larger per-vector error. Falls
+/// back to `n` when `⟨u, ĉ⟩` is not positive (a zero vector).
+pub(crate) fn unshrunk_norm(n: f64, proj: f64) -> f64 {
+    if proj > 1e-3 {
+        n / proj
+    } else {
+        n
+    }
+}
+
 /// The V side of policy 42: 2-bit Lloyd–Max index per element.
 #[derive(Debug, Clone)]
 pub struct LloydMax2Side {
     dim: usize,
     dtype: KvDtype,
     book: ScaledCodebook<4, 3>,
+    /// Store `n / ⟨u, ĉ⟩` instead of `n` (the `lm2u` side; see [`unshrunk_norm`]).
+    unshrink: bool,
 }
 
 impl LloydMax2Side {
@@ -186,6 +201,15 @@ impl LloydMax2Side {
             dim,
             dtype,
             book: ScaledCodebook::new(&C2, &B2, dim),
+            unshrink: false,
+        }
+    }
+
+    /// The `lm2u` side: the same codes, with the norm of [`unshrunk_norm`].
+    pub fn unshrunk(dim: usize, dtype: KvDtype) -> Self {
+        Self {
+            unshrink: true,
+            ..Self::new(dim, dtype)
         }
     }
 }
@@ -205,12 +229,26 @@ impl SideCodec for LloydMax2Side {
     fn encode(&self, y: &[f32], data: &mut [u8], meta: &mut [u8]) {
         let y = &y[..self.dim];
         let n = norm(y, self.dtype);
+        let codes: Vec<u8> = y
+            .iter()
+            .map(|&v| self.book.index(unit(v, n, self.dtype)))
+            .collect();
         let quarter = self.dim / 4;
         for (j, byte) in data[..quarter].iter_mut().enumerate() {
-            *byte = (0..4).fold(0u8, |acc, k| {
-                acc | self.book.index(unit(y[j + k * quarter], n, self.dtype)) << (2 * k)
-            });
+            *byte = (0..4).fold(0u8, |acc, k| acc | codes[j + k * quarter] << (2 * k));
         }
+        let n = if self.unshrink {
+            let proj: f64 = y
+                .iter()
+                .zip(&codes)
+                .map(|(&v, &i)| {
+                    unit(v, n, self.dtype) as f64 * self.book.centroids[i as usize] as f64
+                })
+                .sum();
+            unshrunk_norm(n, proj)
+        } else {
+            n
+        };
         self.dtype
             .store_at(self.dtype.round_saturating(n as f32), meta, 0);
     }

@@ -1,0 +1,51 @@
+//! `[cache]` codecs: a K side and a V side chosen separately (see
+//! `engine_core::config::CacheSection` for the names and their bits per element).
+
+use std::sync::Arc;
+
+use engine_core::codec::{FloatSide, KvPair, Rotated, SideCodec};
+use engine_core::config::{CacheSection, SideKind};
+use engine_core::KvDtype;
+
+use super::lloyd_max_side::LloydMaxSide;
+use super::tq_prod::TqProdSide;
+use super::{Int4Side, Int8Side, LloydMax2Side, Qjl4Side};
+
+fn rotated<S: SideCodec + 'static>(inner: S, dtype: KvDtype) -> Arc<dyn SideCodec> {
+    Arc::new(Rotated { inner, dtype })
+}
+
+/// One side of dimension `dim`. The caller has checked the dimension (even for `int4`, a
+/// power of two for every rotated side, ≥ 8 for `tqprod3`).
+pub fn build_side(kind: SideKind, rotate: bool, dim: usize, dtype: KvDtype) -> Arc<dyn SideCodec> {
+    match (kind, rotate) {
+        (SideKind::Fp16, _) => Arc::new(FloatSide { dim, dtype }),
+        (SideKind::Int8, false) => Arc::new(Int8Side::new(dim, dtype)),
+        (SideKind::Int8, true) => rotated(Int8Side::new(dim, dtype), dtype),
+        (SideKind::Int4, false) => Arc::new(Int4Side::new(dim, dtype)),
+        (SideKind::Int4, true) => rotated(Int4Side::new(dim, dtype), dtype),
+        (SideKind::Tq3s, _) => rotated(Qjl4Side::new(dim, dtype), dtype),
+        (SideKind::Lm2, _) => rotated(LloydMax2Side::new(dim, dtype), dtype),
+        (SideKind::Lm3, _) => rotated(LloydMaxSide::new(dim, 3, dtype), dtype),
+        (SideKind::Lm4, _) => rotated(LloydMaxSide::new(dim, 4, dtype), dtype),
+        (SideKind::Lm2u, _) => rotated(LloydMax2Side::unshrunk(dim, dtype), dtype),
+        (SideKind::Lm3u, _) => rotated(LloydMaxSide::unshrunk(dim, 3, dtype), dtype),
+        (SideKind::Lm4u, _) => rotated(LloydMaxSide::unshrunk(dim, 4, dtype), dtype),
+        (SideKind::Tqprod3, _) => rotated(TqProdSide::new(dim, dtype), dtype),
+    }
+}
+
+/// The codec of a `[cache]` section, named e.g. `k:int4r+v:lm3`. It has no GPU kernel.
+pub fn sides_codec(
+    c: &CacheSection,
+    head_dim_k: usize,
+    head_dim_v: usize,
+    dtype: KvDtype,
+) -> KvPair {
+    KvPair::new(
+        &c.codec_name(),
+        None,
+        build_side(c.k, c.rotate, head_dim_k, dtype),
+        build_side(c.v, c.rotate, head_dim_v, dtype),
+    )
+}
