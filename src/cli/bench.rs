@@ -140,15 +140,7 @@ fn generate(a: GenerateBenchArgs) -> Result<(), KvqError> {
     if a.engine.max_batch_size.is_none() {
         base.engine.max_batch_size = 1;
     }
-    let specs: Vec<String> = if a.configs.is_empty() {
-        DEFAULT_CONFIGS.iter().map(|s| s.to_string()).collect()
-    } else {
-        a.configs.clone()
-    };
-    let configs = specs
-        .iter()
-        .map(|s| parse_config(&base, s))
-        .collect::<Result<Vec<_>, _>>()?;
+    let (_, configs) = parse_configs(&base, &a.configs, &DEFAULT_CONFIGS)?;
     let threads = kvq::ops::num_threads();
     let mut engines = configs
         .iter()
@@ -495,6 +487,24 @@ pub(super) fn parse_config(base: &EngineConfig, s: &str) -> Result<EngineConfig,
     };
     c.validate()?;
     Ok(c)
+}
+
+/// The `BACKEND:POLICY` list of a benchmark (`defaults` when empty) and the configs it names.
+pub(crate) fn parse_configs(
+    base: &EngineConfig,
+    given: &[String],
+    defaults: &[&str],
+) -> Result<(Vec<String>, Vec<EngineConfig>), KvqError> {
+    let specs: Vec<String> = if given.is_empty() {
+        defaults.iter().map(|s| s.to_string()).collect()
+    } else {
+        given.to_vec()
+    };
+    let configs = specs
+        .iter()
+        .map(|s| parse_config(base, s))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((specs, configs))
 }
 
 fn header() -> String {

@@ -10,7 +10,7 @@ use engine_core::KvDtype;
 
 use super::lloyd_max::{B3, B4, C3, C4};
 use super::packing::{pack_bits, unpack_bits};
-use super::turbo_quant::{check_dim, norm, unit, unshrunk_norm};
+use super::turbo_quant::{check_dim, norm, stored_norm, unit};
 
 /// A b-bit (3 or 4) Lloyd–Max side.
 #[derive(Debug, Clone)]
@@ -84,16 +84,7 @@ impl SideCodec for LloydMaxSide {
             .map(|&v| self.index(unit(v, n, self.dtype)))
             .collect();
         pack_bits(&codes, self.bits, &mut data[..self.bytes().data]);
-        let n = if self.unshrink {
-            let proj: f64 = y
-                .iter()
-                .zip(&codes)
-                .map(|(&v, &i)| unit(v, n, self.dtype) as f64 * self.centroids[i as usize] as f64)
-                .sum();
-            unshrunk_norm(n, proj)
-        } else {
-            n
-        };
+        let n = stored_norm(y, n, self.dtype, &codes, &self.centroids, self.unshrink);
         self.dtype
             .store_at(self.dtype.round_saturating(n as f32), meta, 0);
     }

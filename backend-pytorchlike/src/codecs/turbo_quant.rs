@@ -182,6 +182,27 @@ pub(crate) fn unshrunk_norm(n: f64, proj: f64) -> f64 {
     }
 }
 
+/// The norm a Lloyd–Max side stores for `y` (norm `n`) coded as `codes`: `n`, or with
+/// `unshrink` the [`unshrunk_norm`] from the projection of the unit vector on its centroids.
+pub(crate) fn stored_norm(
+    y: &[f32],
+    n: f64,
+    dtype: KvDtype,
+    codes: &[u8],
+    centroids: &[f32],
+    unshrink: bool,
+) -> f64 {
+    if !unshrink {
+        return n;
+    }
+    let proj: f64 = y
+        .iter()
+        .zip(codes)
+        .map(|(&v, &i)| unit(v, n, dtype) as f64 * centroids[i as usize] as f64)
+        .sum();
+    unshrunk_norm(n, proj)
+}
+
 /// The V side of policy 42: 2-bit Lloyd–Max index per element.
 #[derive(Debug, Clone)]
 pub struct LloydMax2Side {
@@ -237,18 +258,14 @@ impl SideCodec for LloydMax2Side {
         for (j, byte) in data[..quarter].iter_mut().enumerate() {
             *byte = (0..4).fold(0u8, |acc, k| acc | codes[j + k * quarter] << (2 * k));
         }
-        let n = if self.unshrink {
-            let proj: f64 = y
-                .iter()
-                .zip(&codes)
-                .map(|(&v, &i)| {
-                    unit(v, n, self.dtype) as f64 * self.book.centroids[i as usize] as f64
-                })
-                .sum();
-            unshrunk_norm(n, proj)
-        } else {
-            n
-        };
+        let n = stored_norm(
+            y,
+            n,
+            self.dtype,
+            &codes,
+            &self.book.centroids,
+            self.unshrink,
+        );
         self.dtype
             .store_at(self.dtype.round_saturating(n as f32), meta, 0);
     }

@@ -86,14 +86,25 @@ impl LlamaTensor {
 /// Undoes llama.cpp's conversion permutation of Q/K rows: within each head, GGUF row `2p + s`
 /// holds HF row `s·d/2 + p`.
 pub fn unpermute_rows(w: &[f32], heads: usize, head_dim: usize, in_dim: usize) -> Vec<f32> {
-    let mut out = vec![0f32; w.len()];
+    unpermute_row_chunks(w, heads, head_dim, in_dim)
+}
+
+/// [`unpermute_rows`] over rows of `row_len` elements of any type (f32 weights, or the bytes
+/// of a quantized row, whose blocks stay together).
+fn unpermute_row_chunks<T: Copy + Default>(
+    w: &[T],
+    heads: usize,
+    head_dim: usize,
+    row_len: usize,
+) -> Vec<T> {
+    let mut out = vec![T::default(); w.len()];
     let half = head_dim / 2;
     for h in 0..heads {
         for p in 0..half {
             for s in 0..2 {
-                let src = (h * head_dim + 2 * p + s) * in_dim;
-                let dst = (h * head_dim + s * half + p) * in_dim;
-                out[dst..dst + in_dim].copy_from_slice(&w[src..src + in_dim]);
+                let src = (h * head_dim + 2 * p + s) * row_len;
+                let dst = (h * head_dim + s * half + p) * row_len;
+                out[dst..dst + row_len].copy_from_slice(&w[src..src + row_len]);
             }
         }
     }
@@ -182,19 +193,7 @@ impl WeightSource for GgufTensors {
 /// [`unpermute_rows`] on rows of any encoding: `data` holds `rows` equal-sized rows, moved
 /// whole (a quantized row's blocks stay together).
 fn unpermute_row_bytes(data: &[u8], heads: usize, head_dim: usize, rows: usize) -> Vec<u8> {
-    let rb = data.len() / rows;
-    let mut out = vec![0u8; data.len()];
-    let half = head_dim / 2;
-    for h in 0..heads {
-        for p in 0..half {
-            for s in 0..2 {
-                let src = (h * head_dim + 2 * p + s) * rb;
-                let dst = (h * head_dim + s * half + p) * rb;
-                out[dst..dst + rb].copy_from_slice(&data[src..src + rb]);
-            }
-        }
-    }
-    out
+    unpermute_row_chunks(data, heads, head_dim, data.len() / rows)
 }
 
 /// Builds the model from any weight source, checking every shape.

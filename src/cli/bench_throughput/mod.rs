@@ -158,15 +158,7 @@ pub fn run(a: ThroughputBenchArgs) -> Result<(), KvqError> {
     if a.engine.session_len.is_none() {
         base.engine.session_len = base.engine.session_len.min(DEFAULT_SESSION_LEN);
     }
-    let specs: Vec<String> = if a.configs.is_empty() {
-        DEFAULT_CONFIGS.iter().map(|s| s.to_string()).collect()
-    } else {
-        a.configs.clone()
-    };
-    let configs = specs
-        .iter()
-        .map(|s| super::bench::parse_config(&base, s))
-        .collect::<Result<Vec<EngineConfig>, _>>()?;
+    let (specs, configs) = super::bench::parse_configs(&base, &a.configs, &DEFAULT_CONFIGS)?;
     // Refuse a configuration its backend cannot run (e.g. speculation with pytorch policy
     // 42) before any of them runs.
     let spec = match &a.model_shape {
