@@ -111,13 +111,20 @@ pub fn render(title: &str, points: &[Point]) -> String {
         r##"<polyline points="{}" fill="none" stroke="#c0392b" stroke-width="1.5" stroke-dasharray="5,3"/>"##,
         line.join(" ")
     );
-    // Labels go right of their point, moved down past any label already placed there.
+    // Labels go right of their point, moved down past any label already placed there (with a
+    // leader line back to the point).
     let mut placed: Vec<(f64, f64, f64)> = Vec::new();
     for (i, p) in pts.iter().enumerate() {
         let on = front.contains(&i);
         let (cx, cy) = (x(p.bits), y(p.kld));
         let fill = if on { "#c0392b" } else { "#2c3e50" };
-        let (lx, width) = (cx + 6.0, 6.5 * p.label.chars().count() as f64);
+        let width = 6.5 * p.label.chars().count() as f64;
+        // Right of the point, or left of it where the label would leave the chart.
+        let lx = if cx + 6.0 + width > w {
+            cx - 6.0 - width
+        } else {
+            cx + 6.0
+        };
         let mut ly = cy - 5.0;
         while placed
             .iter()
@@ -126,6 +133,17 @@ pub fn render(title: &str, points: &[Point]) -> String {
             ly += 12.0;
         }
         placed.push((lx, ly, width));
+        if ly - (cy - 5.0) > 6.0 {
+            // A label pushed away from its point gets a thin leader line back to it.
+            let _ = writeln!(
+                s,
+                r#"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{fill}" stroke-width="0.6" opacity="0.6"/>"#,
+                cx + 3.0,
+                cy + 3.0,
+                lx - 1.0,
+                ly - 4.0
+            );
+        }
         let _ = writeln!(
             s,
             r#"<circle cx="{cx:.1}" cy="{cy:.1}" r="4" fill="{fill}"><title>{} {:.3} bits, mean KLD {:.5}</title></circle><text x="{lx:.1}" y="{ly:.1}" fill="{fill}">{}</text>"#,
