@@ -130,7 +130,7 @@ async fn authenticate(State(s): State<AppState>, req: Request, next: Next) -> Re
 }
 
 /// Liveness and the cache's state: free and total blocks, running and waiting requests,
-/// preemptions so far. 503 once the engine has stopped.
+/// preemptions and speculative drafts (scored, kept) so far. 503 once the engine has stopped.
 async fn health(State(s): State<AppState>) -> Response {
     let st = s.engine.stats();
     let status = if st.alive {
@@ -145,6 +145,15 @@ async fn health(State(s): State<AppState>) -> Response {
         "running": st.running,
         "waiting": st.waiting,
         "preemptions": st.preemptions,
+        "speculative": {
+            "drafted": st.spec_drafted,
+            "accepted": st.spec_accepted,
+            "acceptance_rate": if st.spec_drafted == 0 {
+                0.0
+            } else {
+                st.spec_accepted as f64 / st.spec_drafted as f64
+            },
+        },
     });
     (status, Json(body)).into_response()
 }

@@ -340,5 +340,8 @@ fn api_keys_guard_the_v1_routes() {
         assert_eq!(h["status"], "ok");
         assert!(h["total_blocks"].as_u64().unwrap() > 0);
         assert!(h["free_blocks"].as_u64().unwrap() <= h["total_blocks"].as_u64().unwrap());
+        let spec = &h["speculative"];
+        assert!(spec["accepted"].as_u64().unwrap() <= spec["drafted"].as_u64().unwrap());
+        assert!((0.0..=1.0).contains(&spec["acceptance_rate"].as_f64().unwrap()));
     });
 }
