@@ -12,8 +12,8 @@ use cudarc::driver::{
 };
 use engine_core::cache::PagedKvCache;
 use engine_core::model::{
-    DeviceRunner, DeviceRunnerRegistration, DeviceRunnerRequest, ForwardPass, LlamaModel,
-    LogitsFor, SeqInput,
+    check_logit_rows, DeviceRunner, DeviceRunnerRegistration, DeviceRunnerRequest, ForwardPass,
+    LlamaModel, LogitsFor, SeqInput,
 };
 use engine_core::ops::linear::Path;
 use engine_core::{AttentionBackend, KvqError, ModelSpec};
@@ -277,17 +277,7 @@ impl GpuLlama {
         let (mut tokens, mut positions, mut slots) = (Vec::new(), Vec::new(), Vec::new());
         let (mut tables, mut lens, mut out_rows) = (Vec::new(), Vec::new(), Vec::new());
         let mut max_context = 0;
-        if logit_rows.len() != seqs.len()
-            || seqs
-                .iter()
-                .zip(logit_rows)
-                .any(|(s, &n)| n == 0 || n > s.tokens.len())
-        {
-            return Err(bad(format!(
-                "logit rows {logit_rows:?} do not fit {} sequences",
-                seqs.len()
-            )));
-        }
+        check_logit_rows(seqs, logit_rows)?;
         for (seq, &wanted) in seqs.iter().zip(logit_rows) {
             let end = seq.start_pos + seq.tokens.len();
             if end > self.max_positions {

@@ -56,6 +56,23 @@ pub enum LogitsFor {
     AllTokens,
 }
 
+/// Checks that sequence `i` has at least `logit_rows[i]` ≥ 1 tokens, for every sequence.
+pub fn check_logit_rows(seqs: &[SeqInput<'_>], logit_rows: &[usize]) -> Result<(), KvqError> {
+    if logit_rows.len() != seqs.len()
+        || seqs
+            .iter()
+            .zip(logit_rows)
+            .any(|(s, &n)| n == 0 || n > s.tokens.len())
+    {
+        return Err(KvqError::InvalidArgument(format!(
+            "logit rows {logit_rows:?} do not fit {} sequences of {:?} tokens",
+            seqs.len(),
+            seqs.iter().map(|s| s.tokens.len()).collect::<Vec<_>>()
+        )));
+    }
+    Ok(())
+}
+
 impl LogitsFor {
     /// How many trailing tokens of each sequence get logits.
     pub fn rows(self, seqs: &[SeqInput<'_>]) -> Vec<usize> {
@@ -173,18 +190,7 @@ impl LlamaModel {
         layers: Path,
         head: Path,
     ) -> Result<Vec<f32>, KvqError> {
-        if logit_rows.len() != seqs.len()
-            || seqs
-                .iter()
-                .zip(logit_rows)
-                .any(|(s, &n)| n == 0 || n > s.tokens.len())
-        {
-            return Err(KvqError::InvalidArgument(format!(
-                "logit rows {logit_rows:?} do not fit {} sequences of {:?} tokens",
-                seqs.len(),
-                seqs.iter().map(|s| s.tokens.len()).collect::<Vec<_>>()
-            )));
-        }
+        check_logit_rows(seqs, logit_rows)?;
         let paths = (layers, head);
         if rayon::current_thread_index().is_some() {
             return self.forward_in_pool(backend, cache, seqs, logit_rows, paths);

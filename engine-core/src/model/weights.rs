@@ -47,21 +47,33 @@ pub trait WeightSource {
         out_dim: usize,
         in_dim: usize,
     ) -> Result<Option<Linear>, KvqError> {
-        let Some(w) = self.tensor(t, spec)? else {
-            return Ok(None);
-        };
-        if w.len() != out_dim * in_dim {
-            return Err(KvqError::Model {
-                path: self.origin().to_string(),
-                reason: format!(
-                    "tensor {t:?} has {} elements, expected {}",
-                    w.len(),
-                    out_dim * in_dim
-                ),
-            });
-        }
-        Ok(Some(Linear::new(w, out_dim, in_dim)))
+        f32_linear(self, t, spec, out_dim, in_dim, &format!("{t:?}"))
     }
+}
+
+/// `t` read through [`WeightSource::tensor`] as an f32 `[out_dim, in_dim]` matrix; `shown` names
+/// the tensor in the shape error.
+fn f32_linear<S: WeightSource + ?Sized>(
+    src: &S,
+    t: LlamaTensor,
+    spec: &ModelSpec,
+    out_dim: usize,
+    in_dim: usize,
+    shown: &str,
+) -> Result<Option<Linear>, KvqError> {
+    let Some(w) = src.tensor(t, spec)? else {
+        return Ok(None);
+    };
+    if w.len() != out_dim * in_dim {
+        return Err(KvqError::Model {
+            path: src.origin().to_string(),
+            reason: format!(
+                "tensor {shown} has {} elements, expected [{out_dim}, {in_dim}]",
+                w.len()
+            ),
+        });
+    }
+    Ok(Some(Linear::new(w, out_dim, in_dim)))
 }
 
 impl LlamaTensor {
@@ -147,17 +159,7 @@ impl WeightSource for GgufTensors {
         }
         let raw = self.raw(&name)?;
         if QuantFormat::from_ggml(raw.ggml_type).is_none() {
-            let w = self.tensor(t, spec)?.expect("checked above");
-            if w.len() != out_dim * in_dim {
-                return Err(KvqError::Model {
-                    path: self.origin().to_string(),
-                    reason: format!(
-                        "tensor `{name}` has {} elements, expected [{out_dim}, {in_dim}]",
-                        w.len()
-                    ),
-                });
-            }
-            return Ok(Some(Linear::new(w, out_dim, in_dim)));
+            return f32_linear(self, t, spec, out_dim, in_dim, &format!("`{name}`"));
         }
         if raw.dims != [in_dim as u64, out_dim as u64] {
             return Err(KvqError::Model {

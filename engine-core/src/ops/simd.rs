@@ -261,7 +261,7 @@ unsafe impl Lanes for Portable {
 pub use x86::Avx2;
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::Lanes;
@@ -471,8 +471,9 @@ mod x86 {
     /// AVX2 + FMA; only instantiate inside `#[target_feature(enable = "avx2,fma")]`.
     pub struct Avx2;
 
+    /// The sum of the eight lanes.
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
         let h = _mm_add_ss(h, _mm_movehdup_ps(h));

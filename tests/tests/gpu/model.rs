@@ -16,21 +16,9 @@ use kernels::runner::{build_cuda_runner, GpuLlama};
 /// SmolLM2-135M's shape with `layers` layers.
 fn smollm2_shape(layers: usize) -> ModelSpec {
     ModelSpec {
-        architecture: "llama".into(),
         num_layers: layers,
-        num_heads: 9,
-        num_kv_heads: 3,
-        head_dim_k: 64,
-        head_dim_v: 64,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        vocab_size: 49152,
-        max_position_embeddings: 8192,
-        rope_theta: 100000.0,
-        rms_norm_eps: 1e-5,
-        tie_word_embeddings: true,
         attention: AttentionKind::Mha,
-        dtype: KvDtype::F16,
+        ..ModelSpec::smollm2_135m()
     }
 }
 

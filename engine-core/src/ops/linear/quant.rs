@@ -293,6 +293,7 @@ pub use x86::gemv_avx2;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use crate::ops::simd::x86::hsum;
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -594,14 +595,6 @@ mod x86 {
             );
         }
         (acc_a, acc_b)
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_movehdup_ps(h));
-        _mm_cvtss_f32(h)
     }
 
     /// The two f16 values at `p` (unaligned) as f32.
