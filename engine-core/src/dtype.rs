@@ -44,6 +44,23 @@ impl KvDtype {
         }
     }
 
+    /// [`KvDtype::round`] of every element, vectorized for f16 (F16C converts exactly as
+    /// `round` does): encoders that emulate T arithmetic round whole vectors at each step.
+    pub fn round_slice(self, xs: &mut [f32]) {
+        match self {
+            KvDtype::F16 => {
+                let mut buf = [0u8; 128];
+                for chunk in xs.chunks_mut(64) {
+                    let b = &mut buf[..2 * chunk.len()];
+                    crate::ops::simd::f32_to_f16(chunk, b);
+                    crate::ops::simd::f16_to_f32(b, chunk);
+                }
+            }
+            KvDtype::Bf16 => xs.iter_mut().for_each(|x| *x = self.round(*x)),
+            KvDtype::F32 => {}
+        }
+    }
+
     /// Largest finite value of the type.
     #[inline(always)]
     pub fn max_finite(self) -> f32 {
@@ -158,6 +175,32 @@ pub fn sanitize(x: f32, dtype: KvDtype) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn round_slice_equals_round_per_element() {
+        use rand::Rng;
+        let mut r = crate::testing::rng(crate::testing::fresh_seed("round_slice"));
+        let mut x: Vec<f32> = (0..203)
+            .map(|i| r.random_range(-1.0f32..1.0) * 10f32.powi(i % 13 - 8))
+            .collect();
+        x.extend([
+            65519.0,
+            65520.0,
+            -7e4,
+            6e-8,
+            3e-8,
+            f32::INFINITY,
+            -0.0,
+            2.5e38,
+        ]);
+        for dt in [KvDtype::F16, KvDtype::Bf16, KvDtype::F32] {
+            let mut got = x.clone();
+            dt.round_slice(&mut got);
+            for (g, v) in got.iter().zip(&x) {
+                assert_eq!(g.to_bits(), dt.round(*v).to_bits(), "{dt:?} {v}");
+            }
+        }
+    }
 
     #[test]
     fn store_load_round_trips_every_dtype() {

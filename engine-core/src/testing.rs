@@ -11,7 +11,7 @@ use rand_distr::StandardNormal;
 use crate::attention::{AttentionBatch, SeqSlice};
 use crate::backend::AttentionBackend;
 use crate::cache::{BlockPool, BlockTable, PagedKvCache};
-use crate::codec::{decode_k_model_domain, decode_v_model_domain, dot, KvCodec};
+use crate::codec::{decode_k_model_domain, decode_v_model_domain, dot, EntryRun, KvCodec};
 
 /// The default model (`models/SmolLM2-135M-Instruct.Q4_1.gguf` in the repository), if present.
 /// Real-model tests skip with a message when it is absent, unless `KVQ_REQUIRE_MODEL=1` (set
@@ -107,8 +107,10 @@ pub fn side_buffers(codec: &dyn KvCodec, k: bool) -> (Vec<u8>, Vec<u8>) {
     (vec![0u8; b.data], vec![0u8; b.meta])
 }
 
-/// The fused `score_k`/`accumulate_v` agree with decode-then-compute on random vectors.
+/// The fused `score_k`/`accumulate_v` agree with decode-then-compute on random vectors, and
+/// the run decoders with per-entry decode (see [`check_run_decode`]).
 pub fn check_fused_forms(codec: &dyn KvCodec, seed: u64) {
+    check_run_decode(codec, seed ^ 0x5eed);
     let mut r = rng(seed);
     for _ in 0..32 {
         let (dk, dv) = (codec.head_dim_k(), codec.head_dim_v());
@@ -136,6 +138,59 @@ pub fn check_fused_forms(codec: &dyn KvCodec, seed: u64) {
                 (a - (0.5 + 0.75 * vi)).abs() <= 1e-5 * (1.0 + vi.abs()),
                 "{}: accumulate",
                 codec.name()
+            );
+        }
+    }
+}
+
+/// `decode_k_run`/`decode_v_run` over entries a few bytes apart (as in a token-major block)
+/// give exactly the per-entry `decode_k`/`decode_v`, and write nothing past their rows.
+pub fn check_run_decode(codec: &dyn KvCodec, seed: u64) {
+    let mut r = rng(seed);
+    for k in [true, false] {
+        let (b, dim) = if k {
+            (codec.k_bytes(), codec.head_dim_k())
+        } else {
+            (codec.v_bytes(), codec.head_dim_v())
+        };
+        for count in [1usize, 5] {
+            let (ds, ms) = (b.data + 3, b.meta + 1);
+            let (mut data, mut meta) = (vec![0u8; count * ds], vec![0u8; count * ms]);
+            let mut want = poisoned(count * dim);
+            for i in 0..count {
+                let x = gaussian(&mut r, dim);
+                let (d, m) = (&mut data[i * ds..][..b.data], &mut meta[i * ms..][..b.meta]);
+                let row = &mut want[i * dim..][..dim];
+                if k {
+                    codec.encode_k(&x, d, m);
+                    codec.decode_k(d, m, row);
+                } else {
+                    codec.encode_v(&x, d, m);
+                    codec.decode_v(d, m, row);
+                }
+            }
+            let (dr, mr) = (
+                EntryRun::new(&data, ds, b.data, count),
+                EntryRun::new(&meta, ms, b.meta, count),
+            );
+            let mut got = poisoned(count * dim + 2);
+            if k {
+                codec.decode_k_run(dr, mr, &mut got);
+            } else {
+                codec.decode_v_run(dr, mr, &mut got);
+            }
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    w.to_bits(),
+                    "{} {} run of {count}: element {i}: {g} vs {w}",
+                    codec.name(),
+                    if k { "K" } else { "V" }
+                );
+            }
+            assert!(
+                got[count * dim..].iter().all(|v| v.is_nan()),
+                "run decode wrote past its rows"
             );
         }
     }

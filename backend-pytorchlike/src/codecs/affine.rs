@@ -85,6 +85,14 @@ pub fn load_scale_zero(dtype: KvDtype, meta: &[u8]) -> (f32, f32) {
     (dtype.load_at(meta, 0), dtype.load_at(meta, 1))
 }
 
+/// `[zero, scale]` of the stored metadata: the per-vector coefficients of the vectorized
+/// `(c − zero) · scale`.
+#[inline]
+pub fn sub_mul(dtype: KvDtype, meta: &[u8]) -> [f32; 2] {
+    let (scale, zero) = load_scale_zero(dtype, meta);
+    [zero, scale]
+}
+
 /// Bytes of the `[scale, zero]` metadata.
 pub fn meta_bytes(dtype: KvDtype) -> usize {
     2 * dtype.size_bytes()

@@ -5,10 +5,11 @@
 //!
 //! Non-finite input is sanitized first (NaN → 0, ±inf → ± the dtype's largest value).
 
-use engine_core::codec::{SideBytes, SideCodec};
+use engine_core::codec::{EntryRun, SideBytes, SideCodec};
+use engine_core::ops::dequant::{affine_rows, Affine, Packing};
 use engine_core::KvDtype;
 
-use super::affine::{load_scale_zero, meta_bytes, AffineParams};
+use super::affine::{load_scale_zero, meta_bytes, sub_mul, AffineParams};
 
 const LEVELS: u8 = 15;
 
@@ -50,13 +51,19 @@ impl SideCodec for Int4Side {
     }
 
     fn decode(&self, data: &[u8], meta: &[u8], out: &mut [f32]) {
-        let (scale, zero) = load_scale_zero(self.dtype, meta);
+        let (data, meta) = (&data[..self.dim / 2], EntryRun::single(meta));
+        self.decode_run(EntryRun::single(data), meta, out)
+    }
+
+    fn decode_run(&self, data: EntryRun<'_>, meta: EntryRun<'_>, out: &mut [f32]) {
+        let dtype = self.dtype;
         // (c − zero) · scale per element, vectorized.
-        engine_core::ops::simd::nib_sub_mul_half_split(
-            &data[..self.dim / 2],
-            zero,
-            scale,
-            &mut out[..self.dim],
+        affine_rows(
+            data,
+            Packing::HalfSplitNibbles,
+            Affine::SubMul,
+            |i| sub_mul(dtype, meta.entry(i)),
+            out,
         );
     }
 

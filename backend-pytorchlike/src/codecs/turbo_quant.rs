@@ -134,7 +134,7 @@ impl SideCodec for Qjl4Side {
     fn decode(&self, data: &[u8], meta: &[u8], out: &mut [f32]) {
         let (n, g) = self.load_meta(meta);
         // n · level(nibble) (= n · (C3[i] ± g), as `level`), a lookup per element.
-        engine_core::ops::simd::lut16_half_split_pm(
+        engine_core::ops::dequant::lut16_half_split_pm(
             &self.book.centroids,
             g,
             n,
@@ -273,7 +273,7 @@ impl SideCodec for LloydMax2Side {
     fn decode(&self, data: &[u8], meta: &[u8], out: &mut [f32]) {
         let n = self.dtype.load_at(meta, 0);
         // n · C2[i], a lookup per element.
-        engine_core::ops::simd::lut4_quarter_split_scaled(
+        engine_core::ops::dequant::lut4_quarter_split_scaled(
             &self.book.centroids,
             n,
             &data[..self.dim / 4],

@@ -2,8 +2,9 @@
 //! word in TurboMind's interleaved nibble order, plus `[scale, min]` in the model dtype per
 //! (token, KV head).
 
-use engine_core::codec::{SideBytes, SideCodec};
+use engine_core::codec::{EntryRun, SideBytes, SideCodec};
 use engine_core::dtype::KvDtype;
+use engine_core::ops::dequant::{affine_rows, Affine, Packing};
 
 use super::quant::{DotAccumulator, Params, TmQuantizer};
 
@@ -88,27 +89,31 @@ impl SideCodec for TmInt4Side {
     }
 
     fn encode(&self, x: &[f32], data: &mut [u8], meta: &mut [u8]) {
-        let x = &x[..self.dim];
-        let enc = self.quantizer.encoder(x);
-        for (word, xs) in data[..self.dim / 2]
+        let mut codes = vec![0u8; self.dim];
+        let params = self.quantizer.quantize(&x[..self.dim], &mut codes);
+        for (word, group) in data[..self.dim / 2]
             .chunks_exact_mut(4)
-            .zip(x.chunks_exact(GROUP))
+            .zip(codes.chunks_exact(GROUP))
         {
-            word.copy_from_slice(&pack_group(std::array::from_fn(|j| enc.code(xs[j]))));
+            word.copy_from_slice(&pack_group(group.try_into().expect("group of 8")));
         }
-        enc.params().store(self.quantizer.dtype, meta);
+        params.store(self.quantizer.dtype, meta);
     }
 
     fn decode(&self, data: &[u8], meta: &[u8], out: &mut [f32]) {
-        let p = self.params(meta);
+        let (data, meta) = (&data[..self.dim / 2], EntryRun::single(meta));
+        self.decode_run(EntryRun::single(data), meta, out)
+    }
+
+    fn decode_run(&self, data: EntryRun<'_>, meta: EntryRun<'_>, out: &mut [f32]) {
+        let dtype = self.quantizer.dtype;
         // `Params::decode` (c · scale + zero, two roundings) per element, vectorized.
-        let slots = std::array::from_fn(|j| nibble_slot(j) as u32);
-        engine_core::ops::simd::nib_mul_add_words(
-            &data[..self.dim / 2],
-            slots,
-            p.scale,
-            p.zero,
-            &mut out[..self.dim],
+        affine_rows(
+            data,
+            Packing::WordNibbles(std::array::from_fn(|j| nibble_slot(j) as u32)),
+            Affine::MulAdd,
+            |i| Params::load(dtype, meta.entry(i)).mul_add(),
+            out,
         );
     }
 

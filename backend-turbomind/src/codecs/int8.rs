@@ -1,8 +1,9 @@
 //! quant_policy 8 with TurboMind semantics: one byte per element in natural order, plus
 //! `[scale, min]` in the model dtype per (token, KV head).
 
-use engine_core::codec::{SideBytes, SideCodec};
+use engine_core::codec::{EntryRun, SideBytes, SideCodec};
 use engine_core::dtype::KvDtype;
+use engine_core::ops::dequant::{affine_rows, Affine, Packing};
 
 use super::quant::{DotAccumulator, Params, TmQuantizer};
 
@@ -43,22 +44,26 @@ impl SideCodec for TmInt8Side {
     }
 
     fn encode(&self, x: &[f32], data: &mut [u8], meta: &mut [u8]) {
-        let x = &x[..self.dim];
-        let enc = self.quantizer.encoder(x);
-        for (c, &v) in data[..self.dim].iter_mut().zip(x) {
-            *c = enc.code(v);
-        }
-        enc.params().store(self.quantizer.dtype, meta);
+        let params = self
+            .quantizer
+            .quantize(&x[..self.dim], &mut data[..self.dim]);
+        params.store(self.quantizer.dtype, meta);
     }
 
     fn decode(&self, data: &[u8], meta: &[u8], out: &mut [f32]) {
-        let p = self.params(meta);
+        let (data, meta) = (&data[..self.dim], EntryRun::single(meta));
+        self.decode_run(EntryRun::single(data), meta, out)
+    }
+
+    fn decode_run(&self, data: EntryRun<'_>, meta: EntryRun<'_>, out: &mut [f32]) {
+        let dtype = self.quantizer.dtype;
         // `Params::decode` (c · scale + zero, two roundings) per element, vectorized.
-        engine_core::ops::simd::u8_mul_add(
-            &data[..self.dim],
-            p.scale,
-            p.zero,
-            &mut out[..self.dim],
+        affine_rows(
+            data,
+            Packing::Bytes,
+            Affine::MulAdd,
+            |i| Params::load(dtype, meta.entry(i)).mul_add(),
+            out,
         );
     }
 

@@ -42,11 +42,17 @@ impl Params {
     /// `q·scale + zero` in f32. TurboMind uses an FMA in T (`__hfma`), which also rounds the
     /// result to T; we keep the f32 value so the fused `dot`/`axpy` forms agree with `decode`
     /// to f32 precision (the two differ by at most half an ulp of T). The decoders compute
-    /// exactly this, vectorized (`engine_core::ops::simd::u8_mul_add`); the tests hold them to it.
+    /// exactly this, vectorized (`engine_core::ops::dequant::affine_rows`); the tests hold them to it.
     #[cfg(test)]
     #[inline]
     pub fn decode(self, q: u8) -> f32 {
         f32::from(q) * self.scale + self.zero
+    }
+
+    /// `[scale, zero]`: the per-vector coefficients of the vectorized `c · scale + zero`.
+    #[inline]
+    pub fn mul_add(self) -> [f32; 2] {
+        [self.scale, self.zero]
     }
 
     /// `⟨q, x̂⟩ = scale·Σ qᵢcᵢ + zero·Σ qᵢ`.
@@ -85,22 +91,49 @@ impl TmQuantizer {
     /// An input element as the TurboMind kernel holds it: in T. Non-finite values are first
     /// [`sanitize`]d (NaN → 0, ±inf → ±T::MAX) so one bad activation cannot poison the
     /// vector's scale and with it every later attention output; see also [`Self::limit`].
-    #[inline]
+    #[cfg(test)]
     pub fn to_model_dtype(self, x: f32) -> f32 {
         let limit = self.limit();
         self.dtype
             .round(sanitize(x, self.dtype).clamp(-limit, limit))
     }
 
-    /// Computes the vector's params and returns the per-element encoder.
+    /// Computes the vector's params and returns the per-element encoder: the scalar
+    /// reference that [`Self::quantize`] is tested against.
+    #[cfg(test)]
     pub fn encoder(self, x: &[f32]) -> Encoder {
+        let t: Vec<f32> = x.iter().map(|&v| self.to_model_dtype(v)).collect();
+        self.encoder_in_t(&t)
+    }
+
+    /// Codes of the vector `x` into `codes` (one per element, unpacked); returns the params
+    /// to store. This is `encoder(x).code(xᵢ)` for every element, with T's roundings done a
+    /// vector at a time.
+    pub fn quantize(self, x: &[f32], codes: &mut [u8]) -> Params {
+        let mut t = x.to_vec();
+        self.to_model_dtype_in_place(&mut t);
+        let enc = self.encoder_in_t(&t);
+        enc.codes_in_t(&mut t, codes);
+        enc.params
+    }
+
+    /// `to_model_dtype` of every element.
+    fn to_model_dtype_in_place(self, x: &mut [f32]) {
+        let limit = self.limit();
+        for v in x.iter_mut() {
+            *v = sanitize(*v, self.dtype).clamp(-limit, limit);
+        }
+        self.dtype.round_slice(x);
+    }
+
+    /// [`Self::encoder`] of a vector already in T.
+    fn encoder_in_t(self, t: &[f32]) -> Encoder {
         let (mut mn, mut mx) = (f32::INFINITY, f32::NEG_INFINITY);
-        for &v in x {
-            let v = self.to_model_dtype(v);
+        for &v in t {
             mn = mn.min(v);
             mx = mx.max(v);
         }
-        if x.is_empty() {
+        if t.is_empty() {
             (mn, mx) = (0.0, 0.0);
         }
         // TurboMind: (float(mx) − float(mn)) · fast_reciprocal(levels) in f32, stored as T.
@@ -125,6 +158,7 @@ pub struct Encoder {
 }
 
 impl Encoder {
+    #[cfg(test)]
     pub fn params(&self) -> Params {
         self.params
     }
@@ -137,12 +171,26 @@ impl Encoder {
     ///
     /// As in TurboMind, an element more than T::MAX above the minimum (an f16 vector spanning
     /// more than 65504) overflows `x − zero` to inf and takes the top code.
-    #[inline]
+    #[cfg(test)]
     pub fn code(&self, x: f32) -> u8 {
         let t = self.quantizer.dtype;
         let d = t.round(self.quantizer.to_model_dtype(x) - self.params.zero);
         let v = t.round(d * self.inv_scale);
         cvt_rni_sat_u8(v).min(self.quantizer.max_code())
+    }
+
+    /// The codes of elements already in T, a vector's rounding at a time (`code`, the scalar
+    /// reference, does the same per element); `t` is used as scratch.
+    fn codes_in_t(&self, t: &mut [f32], codes: &mut [u8]) {
+        let dtype = self.quantizer.dtype;
+        t.iter_mut().for_each(|v| *v -= self.params.zero);
+        dtype.round_slice(t);
+        t.iter_mut().for_each(|v| *v *= self.inv_scale);
+        dtype.round_slice(t);
+        let top = self.quantizer.max_code();
+        for (c, &v) in codes.iter_mut().zip(t.iter()) {
+            *c = cvt_rni_sat_u8(v).min(top);
+        }
     }
 }
 
@@ -232,6 +280,34 @@ mod tests {
         ];
         for (v, want) in cases {
             assert_eq!(cvt_rni_sat_u8(v), want, "{v}");
+        }
+    }
+
+    #[test]
+    fn quantize_equals_the_scalar_encoder_on_random_vectors() {
+        use engine_core::testing::{fresh_seed, gaussian, rng};
+        let mut r = rng(fresh_seed("tm quantize vs scalar"));
+        for dtype in [KvDtype::F16, KvDtype::Bf16, KvDtype::F32] {
+            for bits in [4, 8] {
+                let q = TmQuantizer { bits, dtype };
+                for (n, spread) in [(8usize, 1.0f32), (64, 3.0), (128, 1e4), (72, 1e-6)] {
+                    let mut x: Vec<f32> = gaussian(&mut r, n).iter().map(|v| v * spread).collect();
+                    if n == 128 {
+                        (x[3], x[9], x[17]) = (f32::NAN, f32::INFINITY, -1e38);
+                    }
+                    let mut codes = vec![0xAAu8; n];
+                    let params = q.quantize(&x, &mut codes);
+                    let enc = q.encoder(&x);
+                    assert_eq!(params, enc.params(), "{dtype:?} int{bits} n {n}");
+                    for (i, (&c, &v)) in codes.iter().zip(&x).enumerate() {
+                        assert_eq!(
+                            c,
+                            enc.code(v),
+                            "{dtype:?} int{bits} n {n} element {i} = {v}"
+                        );
+                    }
+                }
+            }
         }
     }
 

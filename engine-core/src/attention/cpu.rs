@@ -309,16 +309,16 @@ fn attend_task<L: Lanes>(
     let mut t0 = t.tokens.start;
     while t0 < end {
         let t1 = (t0 + TILE).min(end);
-        let (mut blk, mut off) = (t0 / block_size, t0 % block_size);
-        for j in 0..t1 - t0 {
+        // One codec call per run of the tile's tokens that share a block.
+        let mut j = 0;
+        while j < t1 - t0 {
+            let (blk, off) = ((t0 + j) / block_size, (t0 + j) % block_size);
+            let count = (block_size - off).min(t1 - t0 - j);
             let block = seq.block_table.blocks[blk] as usize;
-            let [kd, km, vd, vm] = cache.kv_entry_in_block(layer, block, off, g.kvh);
-            codec.decode_k(kd, km, &mut kt[j * dk..][..dk]);
-            codec.decode_v(vd, vm, &mut vt[j * dv..][..dv]);
-            off += 1;
-            if off == block_size {
-                (blk, off) = (blk + 1, 0);
-            }
+            let [kd, km, vd, vm] = cache.kv_run_in_block(layer, block, off, count, g.kvh);
+            codec.decode_k_run(kd, km, &mut kt[j * dk..][..count * dk]);
+            codec.decode_v_run(vd, vm, &mut vt[j * dv..][..count * dv]);
+            j += count;
         }
         for (r, &pos) in row_pos.iter().enumerate() {
             if pos < t0 {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::layout::CacheLayout;
-use crate::codec::KvCodec;
+use crate::codec::{EntryRun, KvCodec};
 use crate::error::KvqError;
 
 /// From this many tokens on, [`PagedKvCache::write`] encodes in parallel.
@@ -182,21 +182,27 @@ impl PagedKvCache {
         (&self.bytes[e.v_data], &self.bytes[e.v_meta])
     }
 
-    /// The K and V (data, meta) bytes of token `tok` of physical block `block`, for readers
-    /// that walk a block table themselves (no division by the block size).
+    /// The K and V (data, meta) entries of `count` adjacent tokens from `tok` of physical block
+    /// `block`, for readers that walk a block table themselves (no division by the block size)
+    /// and decode a run of tokens per codec call.
+    ///
+    /// # Panics
+    /// If the run leaves the block.
     #[inline(always)]
-    pub fn kv_entry_in_block(
+    pub fn kv_run_in_block(
         &self,
         layer: usize,
         block: usize,
         tok: usize,
+        count: usize,
         head: usize,
-    ) -> [&[u8]; 4] {
+    ) -> [EntryRun<'_>; 4] {
         let l = &self.layout;
+        assert!(tok + count <= l.block_size, "token run leaves the block");
         let base = l.layer_block_base(layer, block, self.num_blocks);
         let at = |r: &super::layout::RegionLayout| {
             let start = base + r.offset + head * r.head_stride + tok * r.token_stride;
-            &self.bytes[start..start + r.entry_bytes]
+            EntryRun::new(&self.bytes[start..], r.token_stride, r.entry_bytes, count)
         };
         [at(&l.k_data), at(&l.k_meta), at(&l.v_data), at(&l.v_meta)]
     }

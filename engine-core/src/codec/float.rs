@@ -1,6 +1,6 @@
 //! Policy 0: the unquantized cache, in f16, bf16 or f32.
 
-use super::{SideBytes, SideCodec};
+use super::{decode_entries, EntryRun, SideBytes, SideCodec};
 use crate::dtype::KvDtype;
 
 /// Stores values in the model dtype. Non-finite values are stored as they are (f16 and bf16
@@ -36,6 +36,12 @@ impl SideCodec for FloatSide {
         for (i, o) in out.iter_mut().enumerate() {
             *o = self.dtype.load_at(data, i);
         }
+    }
+    fn decode_run(&self, data: EntryRun<'_>, meta: EntryRun<'_>, out: &mut [f32]) {
+        if self.dtype == KvDtype::F16 {
+            return crate::ops::dequant::f16_rows(data, out);
+        }
+        decode_entries(self.dim, data, meta, out, |d, m, o| self.decode(d, m, o))
     }
     fn dot(&self, q: &[f32], data: &[u8], _meta: &[u8]) -> f32 {
         q.iter()

@@ -3,10 +3,12 @@
 
 mod float;
 mod registry;
+mod run;
 mod side;
 
 pub use float::{float_codec, FloatSide};
 pub use registry::{registered_codec_names, CodecBuildParams, CodecRegistration};
+pub use run::{decode_entries, EntryRun};
 pub use side::{KvPair, Rotated, SideCodec};
 
 use crate::dtype::KvDtype;
@@ -87,6 +89,21 @@ pub trait KvCodec: Send + Sync + std::fmt::Debug {
     fn encode_v(&self, x: &[f32], data: &mut [u8], meta: &mut [u8]);
     fn decode_k(&self, data: &[u8], meta: &[u8], out: &mut [f32]);
     fn decode_v(&self, data: &[u8], meta: &[u8], out: &mut [f32]);
+
+    /// [`decode_k`](Self::decode_k) of every entry of a run (adjacent tokens of one cache
+    /// block) into consecutive rows of `out`; attention's hot path. Override with a fused loop.
+    fn decode_k_run(&self, data: EntryRun<'_>, meta: EntryRun<'_>, out: &mut [f32]) {
+        decode_entries(self.head_dim_k(), data, meta, out, |d, m, o| {
+            self.decode_k(d, m, o)
+        })
+    }
+
+    /// [`decode_v`](Self::decode_v) of every entry of a run; see [`Self::decode_k_run`].
+    fn decode_v_run(&self, data: EntryRun<'_>, meta: EntryRun<'_>, out: &mut [f32]) {
+        decode_entries(self.head_dim_v(), data, meta, out, |d, m, o| {
+            self.decode_v(d, m, o)
+        })
+    }
 
     /// `⟨q, K̂⟩` for a query in the K domain, read straight from the packed bytes.
     ///

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{dot, Domain, KvCodec, SideBytes};
+use super::{decode_entries, dot, Domain, EntryRun, KvCodec, SideBytes};
 use crate::dtype::KvDtype;
 
 /// How one vector (one token, one KV head) of K or of V is stored.
@@ -20,6 +20,14 @@ pub trait SideCodec: Send + Sync + std::fmt::Debug {
     }
     fn encode(&self, x: &[f32], data: &mut [u8], meta: &mut [u8]);
     fn decode(&self, data: &[u8], meta: &[u8], out: &mut [f32]);
+
+    /// Decodes every entry of a run (adjacent tokens of one block) into consecutive
+    /// [`dim`](Self::dim)-element rows of `out`. Attention calls this once per run; codecs
+    /// override it with one fused loop so that short heads do not pay a call and a metadata
+    /// load per token. It must give exactly what [`decode`](Self::decode) gives per entry.
+    fn decode_run(&self, data: EntryRun<'_>, meta: EntryRun<'_>, out: &mut [f32]) {
+        decode_entries(self.dim(), data, meta, out, |d, m, o| self.decode(d, m, o))
+    }
 
     /// `⟨q, x̂⟩` straight from the packed bytes; override with a fused form.
     fn dot(&self, q: &[f32], data: &[u8], meta: &[u8]) -> f32 {
@@ -106,6 +114,12 @@ impl KvCodec for KvPair {
     fn decode_v(&self, data: &[u8], meta: &[u8], out: &mut [f32]) {
         self.v.decode(data, meta, out)
     }
+    fn decode_k_run(&self, data: EntryRun<'_>, meta: EntryRun<'_>, out: &mut [f32]) {
+        self.k.decode_run(data, meta, out)
+    }
+    fn decode_v_run(&self, data: EntryRun<'_>, meta: EntryRun<'_>, out: &mut [f32]) {
+        self.v.decode_run(data, meta, out)
+    }
     fn score_k(&self, q: &[f32], data: &[u8], meta: &[u8]) -> f32 {
         self.k.dot(q, data, meta)
     }
@@ -150,6 +164,9 @@ impl<S: SideCodec> SideCodec for Rotated<S> {
     }
     fn decode(&self, data: &[u8], meta: &[u8], out: &mut [f32]) {
         self.inner.decode(data, meta, out)
+    }
+    fn decode_run(&self, data: EntryRun<'_>, meta: EntryRun<'_>, out: &mut [f32]) {
+        self.inner.decode_run(data, meta, out)
     }
     fn dot(&self, q: &[f32], data: &[u8], meta: &[u8]) -> f32 {
         self.inner.dot(q, data, meta)

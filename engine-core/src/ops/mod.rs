@@ -1,5 +1,6 @@
 //! CPU numeric kernels shared by codecs and the model.
 
+pub mod dequant;
 pub mod hadamard;
 pub mod linear;
 pub mod norm;
