@@ -75,6 +75,12 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether [`Sampler::sample`] is plain [`argmax`] of the logits (temperature 0, no
+    /// repetition penalty), which a device can compute where the logits are.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.params.temperature == 0.0 && self.params.repetition_penalty == 1.0
+    }
+
     /// Picks the next token from `logits` given the tokens seen so far.
     pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> u32 {
         let mut logits = logits.to_vec();

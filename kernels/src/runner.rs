@@ -534,12 +534,13 @@ impl GpuLlama {
         self.forward_last_rows(seqs, &which.rows(seqs))
     }
 
-    /// Logits of the last `logit_rows[i]` tokens of each sequence `i`, storing their K/V.
-    pub fn forward_last_rows(
+    /// Runs the forward pass of `seqs`, storing their K/V and leaving the logits of the last
+    /// `logit_rows[i]` tokens of each sequence `i` on the device; returns how many rows.
+    fn forward_on_device(
         &mut self,
         seqs: &[SeqInput<'_>],
         logit_rows: &[usize],
-    ) -> Result<Vec<f32>, KvqError> {
+    ) -> Result<usize, KvqError> {
         let g = self.gpu.clone();
         g.context()
             .bind_to_thread()
@@ -550,10 +551,37 @@ impl GpuLlama {
             .ok_or_else(|| KvqError::InvalidArgument("the GPU model has no cache".into()))?;
         let inp = self.inputs(seqs, logit_rows, cache)?;
         if inp.rows == 0 {
-            return Ok(Vec::new());
+            return Ok(0);
         }
         self.run(&inp).map_err(|e| device_error(&g, e))?;
-        let n = inp.out_rows * self.spec.vocab_size;
+        Ok(inp.out_rows)
+    }
+
+    /// Greedy tokens of the last `logit_rows[i]` tokens of each sequence `i`, picked on the
+    /// device (one id per row comes back instead of a vocabulary of logits), storing their K/V.
+    pub fn forward_greedy(
+        &mut self,
+        seqs: &[SeqInput<'_>],
+        logit_rows: &[usize],
+    ) -> Result<Vec<u32>, KvqError> {
+        match self.forward_on_device(seqs, logit_rows)? {
+            0 => Ok(Vec::new()),
+            rows => self.argmax_last(rows),
+        }
+    }
+
+    /// Logits of the last `logit_rows[i]` tokens of each sequence `i`, storing their K/V.
+    pub fn forward_last_rows(
+        &mut self,
+        seqs: &[SeqInput<'_>],
+        logit_rows: &[usize],
+    ) -> Result<Vec<f32>, KvqError> {
+        let out_rows = self.forward_on_device(seqs, logit_rows)?;
+        if out_rows == 0 {
+            return Ok(Vec::new());
+        }
+        let g = self.gpu.clone();
+        let n = out_rows * self.spec.vocab_size;
         let logits = self.logits.as_ref().expect("allocated");
         let mut host = g
             .stream()
@@ -598,6 +626,21 @@ impl GpuLlama {
     }
 }
 
+impl GpuLlama {
+    /// The host cache the engine passes only carries the block size; it must be the device
+    /// cache's, since the block tables index the device cache.
+    fn check_block_size(&self, cache: &PagedKvCache) -> Result<(), KvqError> {
+        let gpu_bs = self.cache.as_ref().map(|c| c.layout().block_size);
+        if gpu_bs != Some(cache.block_size()) {
+            return Err(KvqError::InvalidArgument(format!(
+                "host cache block size {} differs from the device cache's {gpu_bs:?}",
+                cache.block_size()
+            )));
+        }
+        Ok(())
+    }
+}
+
 fn device_error(gpu: &GpuContext, e: KernelError) -> KvqError {
     KvqError::Device {
         device: gpu.name(),
@@ -619,14 +662,26 @@ impl ForwardPass for GpuLlama {
         _layers: Path,
         _head: Path,
     ) -> Result<Vec<f32>, KvqError> {
-        let gpu_bs = self.cache.as_ref().map(|c| c.layout().block_size);
-        if gpu_bs != Some(cache.block_size()) {
-            return Err(KvqError::InvalidArgument(format!(
-                "host cache block size {} differs from the device cache's {gpu_bs:?}",
-                cache.block_size()
-            )));
-        }
+        self.check_block_size(cache)?;
         self.forward_last_rows(seqs, logit_rows)
+    }
+
+    fn forward_rows_greedy(
+        &mut self,
+        _backend: &dyn AttentionBackend,
+        cache: &mut PagedKvCache,
+        seqs: &[SeqInput<'_>],
+        logit_rows: &[usize],
+    ) -> Option<Result<Vec<u32>, KvqError>> {
+        Some(
+            self.check_block_size(cache)
+                .and_then(|()| self.forward_greedy(seqs, logit_rows)),
+        )
+    }
+
+    /// One GEMM path: results do not depend on how rows are grouped into calls.
+    fn path_dependent(&self) -> bool {
+        false
     }
 }
 

@@ -275,6 +275,13 @@ impl Engine {
         }
     }
 
+    /// Runs forward passes through `runner` instead of the host model (tests stand in for a
+    /// device runner with it).
+    #[cfg(test)]
+    pub(crate) fn set_runner(&mut self, runner: Box<dyn ForwardPass>, name: &str) {
+        self.device = Some((runner, name.to_string()));
+    }
+
     /// The cache plan in one line: backend, codec, block count, token capacity and the
     /// capacity relative to the fp16 cache.
     pub fn summary(&self) -> String {

@@ -83,17 +83,20 @@ impl Sequence {
             .min(left_session.saturating_sub(1))
     }
 
-    /// Samples the next token from `logits`, appends it and works out whether it ends the
-    /// request (EOS or stop id, `max_new_tokens`, session length, stop string); returns the
-    /// event to stream.
+    /// Samples the next token from its logits row (or takes the greedy token the device
+    /// picked), appends it and works out whether it ends the request (EOS or stop id,
+    /// `max_new_tokens`, session length, stop string); returns the event to stream.
     fn push_sampled(
         &mut self,
-        logits: &[f32],
+        row: RowOutput<'_>,
         eos: Option<u32>,
         session_len: usize,
         tokenizer: &Tokenizer,
     ) -> Result<TokenEvent, KvqError> {
-        let token = self.sampler.sample(logits, &self.tokens);
+        let token = match row {
+            RowOutput::Logits(logits) => self.sampler.sample(logits, &self.tokens),
+            RowOutput::Greedy(token) => token,
+        };
         self.tokens.push(token);
         let piece = self.detok.push(tokenizer, token)?;
         let eos = Some(token) == eos && !self.sampler.params().ignore_eos;
@@ -486,16 +489,33 @@ struct LogitsRows {
 
 impl LogitsRows {
     /// The `j`-th of the sequence's rows.
-    fn row(self, l: &StepLogits, j: usize) -> &[f32] {
+    fn row(self, l: &StepLogits, j: usize) -> RowOutput<'_> {
         let r = self.row + j;
-        &l.calls[self.call][r * l.vocab..(r + 1) * l.vocab]
+        match &l.calls[self.call] {
+            CallOutput::Logits(v) => RowOutput::Logits(&v[r * l.vocab..(r + 1) * l.vocab]),
+            CallOutput::Greedy(ids) => RowOutput::Greedy(ids[r]),
+        }
     }
+}
+
+/// What one forward call returned: logits rows, or, when every sequence in it samples
+/// greedily and the runner can pick tokens itself, one token per row.
+enum CallOutput {
+    Logits(Vec<f32>),
+    Greedy(Vec<u32>),
+}
+
+/// One row of a [`CallOutput`].
+#[derive(Clone, Copy)]
+enum RowOutput<'a> {
+    Logits(&'a [f32]),
+    Greedy(u32),
 }
 
 /// The logits of one step: the rows of the two forward calls, and per sequence with a chunk
 /// where its rows are.
 struct StepLogits {
-    calls: [Vec<f32>; 2],
+    calls: [CallOutput; 2],
     rows: Vec<LogitsRows>,
     vocab: usize,
 }
@@ -523,8 +543,9 @@ fn forward_batch_invariant(
 ) -> Result<StepLogits, KvqError> {
     let int = Path::Int(Kernel::best());
     let prompt_path = Path::auto(DEQUANT_MIN_ROWS);
-    let split_prompts = prompt_path != int;
+    let split_prompts = prompt_path != int && model.path_dependent();
     let mut inputs: [Vec<SeqInput<'_>>; 2] = [Vec::new(), Vec::new()];
+    let mut greedy = [true, true];
     let mut logit_rows: [Vec<usize>; 2] = [Vec::new(), Vec::new()];
     let mut next_row = [0usize; 2];
     let mut last: Vec<Option<LogitsRows>> = vec![None; running.len()];
@@ -551,6 +572,7 @@ fn forward_batch_invariant(
                 });
                 next_row[call] += rows;
                 logit_rows[call].push(rows);
+                greedy[call] &= s.sampler.is_plain_greedy();
                 inputs[call].push(SeqInput {
                     tokens: &s.tokens[from..to],
                     start_pos: from,
@@ -559,18 +581,23 @@ fn forward_batch_invariant(
             }
         }
     }
-    let mut calls = [Vec::new(), Vec::new()];
+    let mut calls = [
+        CallOutput::Logits(Vec::new()),
+        CallOutput::Logits(Vec::new()),
+    ];
     for (call, layers) in [prompt_path, int].into_iter().enumerate() {
-        if !inputs[call].is_empty() {
-            calls[call] = model.forward_rows(
-                backend,
-                cache,
-                &inputs[call],
-                &logit_rows[call],
-                layers,
-                int,
-            )?;
+        let (seqs, rows) = (&inputs[call], &logit_rows[call]);
+        if seqs.is_empty() {
+            continue;
         }
+        if greedy[call] {
+            if let Some(ids) = model.forward_rows_greedy(backend, cache, seqs, rows) {
+                calls[call] = CallOutput::Greedy(ids?);
+                continue;
+            }
+        }
+        calls[call] =
+            CallOutput::Logits(model.forward_rows(backend, cache, seqs, rows, layers, int)?);
     }
     Ok(StepLogits {
         calls,

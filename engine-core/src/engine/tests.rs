@@ -565,3 +565,90 @@ fn speculation_near_the_session_length_stops_there() {
     assert_eq!(got[0].prompt_tokens + got[0].completion_tokens, 64);
     assert_eq!(got[0].finish_reason, FinishReason::Length);
 }
+
+/// A runner that picks greedy tokens itself (as the GPU runner does on the device), has one
+/// product path, and counts the calls that returned tokens rather than logits.
+struct PicksGreedy {
+    model: crate::model::LlamaModel,
+    greedy_calls: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl crate::model::ForwardPass for PicksGreedy {
+    fn spec(&self) -> &crate::ModelSpec {
+        &self.model.spec
+    }
+
+    fn forward_rows(
+        &mut self,
+        backend: &dyn AttentionBackend,
+        cache: &mut crate::cache::PagedKvCache,
+        seqs: &[crate::model::SeqInput<'_>],
+        logit_rows: &[usize],
+        _layers: crate::ops::linear::Path,
+        _head: crate::ops::linear::Path,
+    ) -> Result<Vec<f32>, KvqError> {
+        let int = crate::ops::linear::Path::Int(crate::ops::linear::Kernel::best());
+        self.model
+            .forward_rows(backend, cache, seqs, logit_rows, int, int)
+    }
+
+    fn forward_rows_greedy(
+        &mut self,
+        backend: &dyn AttentionBackend,
+        cache: &mut crate::cache::PagedKvCache,
+        seqs: &[crate::model::SeqInput<'_>],
+        logit_rows: &[usize],
+    ) -> Option<Result<Vec<u32>, KvqError>> {
+        self.greedy_calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let int = crate::ops::linear::Path::Int(crate::ops::linear::Kernel::best());
+        let vocab = self.model.spec.vocab_size;
+        Some(
+            self.forward_rows(backend, cache, seqs, logit_rows, int, int)
+                .map(|l| l.chunks_exact(vocab).map(crate::sampling::argmax).collect()),
+        )
+    }
+
+    fn path_dependent(&self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn a_runner_that_picks_greedy_tokens_gives_the_host_samplers_tokens() {
+    let sampled = |seed| {
+        let mut r = request(seed, 9, 6);
+        r.params.temperature = 0.8;
+        r.params.seed = seed;
+        r
+    };
+    let greedy: Vec<Request> = (0..3)
+        .map(|i| request(40 + i, 5 + 7 * i as usize, 6))
+        .collect();
+    let mixed = vec![greedy[0].clone(), sampled(7), greedy[2].clone()];
+    let mut host = tiny_engine(64, 4, 8);
+    let mut picks = tiny_engine(64, 4, 8);
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let spec = tiny_spec(true);
+    let runner = PicksGreedy {
+        model: load_llama(&InMemory(random_weights(&spec, 7)), &spec).unwrap(),
+        greedy_calls: calls.clone(),
+    };
+    picks.set_runner(Box::new(runner), "greedy-picking test runner");
+    let count = || calls.load(std::sync::atomic::Ordering::Relaxed);
+    for reqs in [&greedy, &mixed, &vec![sampled(8), sampled(9)]] {
+        let before = count();
+        let want = host.generate(reqs.clone(), &mut |_| {}).unwrap();
+        let got = picks.generate(reqs.clone(), &mut |_| {}).unwrap();
+        let ids =
+            |o: &[GenerationOutput]| o.iter().map(|g| g.token_ids.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&got), ids(&want));
+        let all_greedy = reqs.iter().all(|r| r.params.temperature == 0.0);
+        assert_eq!(
+            count() > before,
+            all_greedy,
+            "greedy calls only for all-greedy batches"
+        );
+        assert_accounted(&picks);
+    }
+}

@@ -34,6 +34,28 @@ pub trait ForwardPass: Send {
         head: Path,
     ) -> Result<Vec<f32>, KvqError>;
 
+    /// [`ForwardPass::forward_rows`] followed by greedy selection (the first index of each
+    /// row's largest logit), for a pass that can pick the tokens where the logits are: a device
+    /// runner then copies back one id per row instead of a vocabulary of floats. `None` (the
+    /// default) means it cannot, and the caller samples `forward_rows`'s logits on the host.
+    fn forward_rows_greedy(
+        &mut self,
+        _backend: &dyn AttentionBackend,
+        _cache: &mut PagedKvCache,
+        _seqs: &[SeqInput<'_>],
+        _logit_rows: &[usize],
+    ) -> Option<Result<Vec<u32>, KvqError>> {
+        None
+    }
+
+    /// Whether a row's logits depend on the product [`Path`] its call takes. The CPU forward's
+    /// do (its integer and dequantizing kernels round differently), so the scheduler keeps
+    /// prompt rows and other rows in separate calls to make every row's result independent of
+    /// its batch; a runner with one path answers false and gets one call per step.
+    fn path_dependent(&self) -> bool {
+        true
+    }
+
     /// [`ForwardPass::forward_rows`] with the rows `which` names.
     fn forward_with(
         &mut self,
