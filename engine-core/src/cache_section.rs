@@ -26,6 +26,17 @@
 //!
 //! `[cache]` replaces `quant_policy`: a config that sets both (with `quant_policy` other than
 //! 0) is an error, so no file silently means two things.
+//!
+//! `[cache.edge]` keeps the first and last layers at other (higher-precision) sides, which
+//! the quantization error of the first and last layers hurts most:
+//!
+//! ```toml
+//! [cache.edge]
+//! first = 1       # layers 0..1
+//! last = 1        # the final layer
+//! k = "int8"
+//! v = "int8"      # rotated like the main sides when `rotate = true`
+//! ```
 
 use serde::{Deserialize, Serialize};
 
@@ -122,16 +133,66 @@ pub struct CacheSection {
     /// Store `int8`/`int4` sides in the normalised Walsh–Hadamard domain.
     #[serde(default)]
     pub rotate: bool,
+    /// Per-layer override for the first and last layers.
+    #[serde(default)]
+    pub edge: Option<EdgeLayers>,
+}
+
+/// `[cache.edge]`: the sides of the first `first` and last `last` layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeLayers {
+    #[serde(default)]
+    pub first: usize,
+    #[serde(default)]
+    pub last: usize,
+    pub k: SideKind,
+    pub v: SideKind,
+}
+
+impl EdgeLayers {
+    /// Whether `layer` of `num_layers` takes the edge sides.
+    pub fn covers(&self, layer: usize, num_layers: usize) -> bool {
+        layer < self.first || layer + self.last >= num_layers
+    }
 }
 
 impl CacheSection {
-    /// The codec name, e.g. `k:int4r+v:lm3`.
+    /// The codec name, e.g. `k:int4r+v:lm3`, or with an edge override
+    /// `k:int4r+v:lm2u|edge1/1:k:int8r+v:int8r`.
     pub fn codec_name(&self) -> String {
-        format!(
-            "k:{}+v:{}",
-            self.k.label(self.rotate),
-            self.v.label(self.rotate)
-        )
+        let main = self.sides_name(self.k, self.v);
+        match &self.edge {
+            None => main,
+            Some(e) => format!(
+                "{main}|edge{}/{}:{}",
+                e.first,
+                e.last,
+                self.sides_name(e.k, e.v)
+            ),
+        }
+    }
+
+    /// The section the edge layers use: the edge sides, same rotation, no further edge.
+    pub fn edge_section(&self) -> Option<CacheSection> {
+        self.edge.map(|e| CacheSection {
+            k: e.k,
+            v: e.v,
+            rotate: self.rotate,
+            edge: None,
+        })
+    }
+
+    /// The section of the layers without an override.
+    pub fn main_section(&self) -> CacheSection {
+        CacheSection {
+            edge: None,
+            ..self.clone()
+        }
+    }
+
+    fn sides_name(&self, k: SideKind, v: SideKind) -> String {
+        format!("k:{}+v:{}", k.label(self.rotate), v.label(self.rotate))
     }
 }
 
@@ -154,13 +215,30 @@ mod tests {
             k: SideKind::Int4,
             v: SideKind::Lm3,
             rotate: true,
+            edge: None,
         };
         assert_eq!(c.codec_name(), "k:int4r+v:lm3");
         let c = CacheSection {
             k: SideKind::Fp16,
             v: SideKind::Int8,
             rotate: false,
+            edge: None,
         };
         assert_eq!(c.codec_name(), "k:fp16+v:int8");
+        let c = CacheSection {
+            k: SideKind::Int4,
+            v: SideKind::Lm2u,
+            rotate: true,
+            edge: Some(EdgeLayers {
+                first: 2,
+                last: 1,
+                k: SideKind::Int8,
+                v: SideKind::Lm4,
+            }),
+        };
+        assert_eq!(c.codec_name(), "k:int4r+v:lm2u|edge2/1:k:int8r+v:lm4");
+        let e = c.edge.unwrap();
+        let covered: Vec<usize> = (0..6).filter(|&l| e.covers(l, 6)).collect();
+        assert_eq!(covered, [0, 1, 5]);
     }
 }

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-pub use crate::cache_section::{CacheSection, SideKind};
+pub use crate::cache_section::{CacheSection, EdgeLayers, SideKind};
 use crate::codec::registered_codec_names;
 use crate::dtype::KvDtype;
 use crate::error::{ConfigError, KvqError};
@@ -475,9 +475,18 @@ num_speculative_tokens = 4
             k: SideKind::Int4,
             v: SideKind::Lm3,
             rotate: true,
+            edge: None,
         };
         assert_eq!(c.codec_choice().unwrap(), CodecChoice::Sides(want));
         assert_eq!(c.codec_choice().unwrap().name(), "k:int4r+v:lm3");
+        let c = EngineConfig::from_toml_str(
+            "[cache]\nk = \"int4\"\nv = \"lm2u\"\nrotate = true\n[cache.edge]\nlast = 2\nk = \"int8\"\nv = \"int8\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.codec_choice().unwrap().name(),
+            "k:int4r+v:lm2u|edge0/2:k:int8r+v:int8r"
+        );
         // rotate defaults to false; quant_policy 0 alongside is fine.
         let c = EngineConfig::from_toml_str(
             "[engine]\nquant_policy = 0\n[cache]\nk = \"tq3s\"\nv = \"lm2\"\n",
@@ -503,6 +512,14 @@ num_speculative_tokens = 4
             (
                 "[engine]\nquant_policy = 42\n[cache]\nk = \"int4\"\nv = \"int4\"\n",
                 "both choose the KV codec",
+            ),
+            (
+                "[cache]\nk = \"int4\"\nv = \"int4\"\n[cache.edge]\nfirst = 1\nk = \"int8\"\n",
+                "missing field `v`",
+            ),
+            (
+                "[cache]\nk = \"int4\"\nv = \"int4\"\n[cache.edge]\nfirts = 1\nk = \"int8\"\nv = \"int8\"\n",
+                "firts",
             ),
         ];
         for (text, needle) in cases {

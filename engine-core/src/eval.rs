@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::cache::{BlockPool, BlockTable, PagedKvCache};
+use crate::cache::{BlockPool, BlockTable};
 use crate::config::{DeviceChoice, EngineConfig};
 use crate::error::KvqError;
 use crate::model::{device_runner_factory, DeviceRunnerRequest, LlamaModel, LogitsFor, SeqInput};
@@ -49,8 +49,7 @@ pub fn window_logits(
     };
     let logits = match cfg.device()? {
         DeviceChoice::Auto | DeviceChoice::Cpu => {
-            let mut cache =
-                PagedKvCache::new(resolved.layout.clone(), resolved.codec.clone(), blocks);
+            let mut cache = resolved.new_cache(blocks);
             model.forward(
                 resolved.backend.as_ref(),
                 &mut cache,
@@ -63,7 +62,7 @@ pub fn window_logits(
                 device: format!("cuda:{ordinal}"),
                 reason: "this build has no CUDA support; rebuild with `--features cuda`".into(),
             })?;
-            let block_bytes = resolved.layout.block_bytes() as u64;
+            let block_bytes = resolved.block_bytes() as u64;
             let mut device = build(DeviceRunnerRequest {
                 model,
                 resolved: &resolved,
@@ -71,7 +70,7 @@ pub fn window_logits(
                 ordinal,
                 plan: &|_| Ok(resolved.plan_exact(blocks as u64 * block_bytes)),
             })?;
-            let mut cache = PagedKvCache::new(resolved.layout.clone(), resolved.codec.clone(), 0);
+            let mut cache = resolved.new_cache(0);
             device.runner.forward_with(
                 resolved.backend.as_ref(),
                 &mut cache,
@@ -121,8 +120,8 @@ pub fn compare(
         backend: resolved.backend.name().to_string(),
         codec: resolved.codec.name().to_string(),
         policy: resolved.codec.policy(),
-        bits_per_element: resolved.codec.bits_per_element(),
-        kv_bytes_per_token: resolved.layout.bytes_per_token(),
+        bits_per_element: resolved.bits_per_element(),
+        kv_bytes_per_token: resolved.bytes_per_token(),
         perplexity: (nll / n as f64).exp(),
         mean_kld: mean,
         p99_kld: p99,

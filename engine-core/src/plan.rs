@@ -7,19 +7,30 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::backend::{backend_by_name, AttentionBackend};
-use crate::cache::{CacheLayout, MemoryPlan};
+use crate::cache::{CacheLayout, LayerGroup, MemoryPlan, PagedKvCache};
+use crate::cache_section::EdgeLayers;
 use crate::codec::{float_codec, KvCodec, SideBytes};
-use crate::config::EngineConfig;
+use crate::config::{DeviceChoice, EngineConfig};
 use crate::error::ConfigError;
 use crate::model_spec::ModelSpec;
 
 /// A validated configuration with everything derived from it.
 pub struct ResolvedConfig {
     pub backend: Box<dyn AttentionBackend>,
+    /// The codec of every layer, or with `[cache.edge]` of the layers between the edges.
     pub codec: Arc<dyn KvCodec>,
+    /// `codec`'s layout for all the model's layers (block size, heads, per-layer bytes).
     pub layout: CacheLayout,
     /// The same backend's layout for the unquantized cache, for ratios.
     pub fp16_layout: CacheLayout,
+    /// `[cache.edge]`: the first and last layers' codec.
+    pub edge: Option<EdgeCodec>,
+}
+
+/// The codec of the layers a `[cache.edge]` override covers.
+pub struct EdgeCodec {
+    pub layers: EdgeLayers,
+    pub codec: Arc<dyn KvCodec>,
 }
 
 /// Bytes per token per layer per KV head, as printed by `check-config`.
@@ -41,6 +52,7 @@ impl ResolvedConfig {
         let backend = backend_by_name(&cfg.engine.backend)?;
         backend.validate(spec, cfg)?;
         let codec = backend.build_codec(spec, cfg)?;
+        let edge = edge_codec(backend.as_ref(), spec, cfg)?;
         let block = cfg.engine.block_size;
         let kv_heads = spec.num_kv_heads / cfg.engine.tp;
         let layout = backend.cache_layout(codec.as_ref(), spec.num_layers, kv_heads, block);
@@ -52,24 +64,91 @@ impl ResolvedConfig {
             codec,
             layout,
             fp16_layout,
+            edge,
         })
+    }
+
+    /// The layer groups of the cache, in layer order: one for a single codec, up to three with
+    /// `[cache.edge]` (first layers, the rest, last layers).
+    pub fn layer_groups(&self) -> Vec<LayerGroup> {
+        let n = self.layout.num_layers;
+        let group = |layers: std::ops::Range<usize>, codec: &Arc<dyn KvCodec>| LayerGroup {
+            layout: self.backend.cache_layout(
+                codec.as_ref(),
+                layers.len(),
+                self.layout.num_kv_heads,
+                self.layout.block_size,
+            ),
+            layers,
+            codec: codec.clone(),
+        };
+        let Some(edge) = &self.edge else {
+            return vec![group(0..n, &self.codec)];
+        };
+        let (first, last) = (edge.layers.first, n - edge.layers.last);
+        [
+            (0..first, &edge.codec),
+            (first..last, &self.codec),
+            (last..n, &edge.codec),
+        ]
+        .into_iter()
+        .filter(|(r, _)| !r.is_empty())
+        .map(|(r, c)| group(r, c))
+        .collect()
+    }
+
+    /// A zeroed cache of `num_blocks` blocks with this configuration's layer groups.
+    pub fn new_cache(&self, num_blocks: usize) -> PagedKvCache {
+        PagedKvCache::with_layer_groups(self.layer_groups(), num_blocks)
+    }
+
+    /// Bits per cached element, metadata included, averaged over K, V and layers.
+    pub fn bits_per_element(&self) -> f64 {
+        let groups = self.layer_groups();
+        let bits: f64 = groups
+            .iter()
+            .map(|g| g.codec.bits_per_element() * g.layers.len() as f64)
+            .sum();
+        bits / self.layout.num_layers as f64
+    }
+
+    /// Payload bytes of one token over all layers and KV heads.
+    pub fn bytes_per_token(&self) -> usize {
+        self.sum_over_groups(CacheLayout::bytes_per_token)
+    }
+
+    /// Bytes of one block over all layers, padding included.
+    pub fn block_bytes(&self) -> usize {
+        self.sum_over_groups(CacheLayout::block_bytes)
+    }
+
+    /// Bytes of one block over all layers that are alignment padding.
+    pub fn block_padding(&self) -> usize {
+        self.sum_over_groups(CacheLayout::block_padding)
+    }
+
+    fn sum_over_groups(&self, f: fn(&CacheLayout) -> usize) -> usize {
+        self.layer_groups().iter().map(|g| f(&g.layout)).sum()
     }
 
     /// The memory plan for a budget of `budget_bytes` of free memory.
     pub fn plan(&self, budget_bytes: u64, cfg: &EngineConfig) -> MemoryPlan {
-        MemoryPlan::new(
-            &self.layout,
-            &self.fp16_layout,
-            budget_bytes,
-            cfg.engine.cache_max_entry_count,
-        )
+        self.plan_fraction(budget_bytes, cfg.engine.cache_max_entry_count)
     }
 
     /// The memory plan for exactly `cache_bytes` of cache (an explicit budget).
     pub fn plan_exact(&self, cache_bytes: u64) -> MemoryPlan {
-        MemoryPlan::new(&self.layout, &self.fp16_layout, cache_bytes, 1.0)
+        self.plan_fraction(cache_bytes, 1.0)
     }
 
+    fn plan_fraction(&self, budget_bytes: u64, fraction: f64) -> MemoryPlan {
+        let groups = self.layer_groups();
+        let layouts: Vec<&CacheLayout> = groups.iter().map(|g| &g.layout).collect();
+        MemoryPlan::new(&layouts, &self.fp16_layout, budget_bytes, fraction)
+    }
+
+    /// Bytes per token per layer per KV head of the main codec (the layers without an
+    /// override); `bits_per_element` is over all layers.
     pub fn token_bytes(&self) -> TokenBytes {
         let (k, v): (SideBytes, SideBytes) = (self.layout.k, self.layout.v);
         TokenBytes {
@@ -79,7 +158,52 @@ impl ResolvedConfig {
             v_meta: v.meta,
             total: k.total() + v.total(),
             fp16_total: self.fp16_layout.k.total() + self.fp16_layout.v.total(),
-            bits_per_element: self.codec.bits_per_element(),
+            bits_per_element: self.bits_per_element(),
         }
     }
+}
+
+/// Builds the `[cache.edge]` codec, validated like a `[cache]` of its own, or explains why the
+/// override cannot run.
+fn edge_codec(
+    backend: &dyn AttentionBackend,
+    spec: &ModelSpec,
+    cfg: &EngineConfig,
+) -> Result<Option<EdgeCodec>, ConfigError> {
+    let Some(section) = &cfg.cache else {
+        return Ok(None);
+    };
+    let (Some(layers), Some(edge_section)) = (section.edge, section.edge_section()) else {
+        return Ok(None);
+    };
+    let out_of_range = |expected: String| ConfigError::OutOfRange {
+        key: "cache.edge",
+        value: format!("first = {}, last = {}", layers.first, layers.last),
+        expected,
+    };
+    if layers.first + layers.last == 0 {
+        return Err(out_of_range(
+            "at least one edge layer (first or last > 0)".into(),
+        ));
+    }
+    if layers.first + layers.last >= spec.num_layers {
+        return Err(out_of_range(format!(
+            "fewer edge layers than the model's {} layers, so some keep the main sides",
+            spec.num_layers
+        )));
+    }
+    if let DeviceChoice::Cuda(_) = cfg.device()? {
+        return Err(ConfigError::Unsupported {
+            backend: backend.name().to_string(),
+            reason:
+                "[cache.edge] per-layer overrides run on the CPU only (the GPU cache has one codec \
+                     for every layer); use device = \"cpu\" or drop [cache.edge]"
+                    .into(),
+        });
+    }
+    let mut edge_cfg = cfg.clone();
+    edge_cfg.cache = Some(edge_section);
+    backend.validate(spec, &edge_cfg)?;
+    let codec = backend.build_codec(spec, &edge_cfg)?;
+    Ok(Some(EdgeCodec { layers, codec }))
 }

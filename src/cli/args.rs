@@ -151,8 +151,14 @@ pub fn apply_cache_flags(
             k: k.unwrap_or(c.k),
             v: v.unwrap_or(c.v),
             rotate: c.rotate || rotate,
+            edge: c.edge,
         },
-        (None, Some(k), Some(v)) => CacheSection { k, v, rotate },
+        (None, Some(k), Some(v)) => CacheSection {
+            k,
+            v,
+            rotate,
+            edge: None,
+        },
         (None, _, _) => return Err(KvqError::InvalidArgument(
             "--kv-k, --kv-v and --kv-rotate build a [cache] codec: give both --kv-k and --kv-v \
                  (or a config file with a [cache] section)"

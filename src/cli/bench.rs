@@ -229,7 +229,7 @@ fn generate(a: GenerateBenchArgs) -> Result<(), KvqError> {
                 backend: engine.resolved.backend.name().to_string(),
                 policy: codec.policy(),
                 codec: codec.name().to_string(),
-                bits_per_element: codec.bits_per_element(),
+                bits_per_element: engine.resolved.bits_per_element(),
                 prefill_tok_s: median(&prefill),
                 decode_tok_s: median(&decode),
                 prefill_tok_s_all: prefill,

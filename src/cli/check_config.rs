@@ -55,8 +55,8 @@ pub fn run(mut a: CheckConfigArgs) -> Result<(), KvqError> {
             "codec": resolved.codec.name(),
             "policy": resolved.codec.policy(),
             "bytes_per_token_per_layer_per_head": resolved.token_bytes(),
-            "block_bytes": resolved.layout.block_bytes(),
-            "block_padding": resolved.layout.block_padding(),
+            "block_bytes": resolved.block_bytes(),
+            "block_padding": resolved.block_padding(),
             "plan": plan,
         });
         println!("{}", serde_json::to_string_pretty(&j).expect("json"));
@@ -93,9 +93,9 @@ fn print_text(model: &str, spec: &ModelSpec, r: &ResolvedConfig, plan: Option<&M
     println!(
         "block        {} tokens, {} bytes over {} layers ({} bytes alignment padding)",
         r.layout.block_size,
-        r.layout.block_bytes(),
+        r.block_bytes(),
         r.layout.num_layers,
-        r.layout.block_padding()
+        r.block_padding()
     );
     if let Some(p) = plan {
         println!(

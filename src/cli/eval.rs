@@ -4,7 +4,7 @@
 use clap::Args;
 use std::path::PathBuf;
 
-use kvq::config::QuantPolicy;
+use kvq::config::{EdgeLayers, QuantPolicy, SideKind};
 use kvq::engine::load_model;
 use kvq::eval::{evaluate, EvalRow};
 use kvq::{EngineConfig, KvqError};
@@ -190,7 +190,8 @@ fn split_configs(values: &[String]) -> Vec<String> {
 fn parse_config(base: &EngineConfig, s: &str) -> Result<EngineConfig, KvqError> {
     let bad = |why: &str| {
         KvqError::InvalidArgument(format!(
-            "--configs entry `{s}`: {why}; write BACKEND:POLICY or BACKEND:k=SIDE,v=SIDE[,rotate]"
+            "--configs entry `{s}`: {why}; write BACKEND:POLICY or \
+             BACKEND:k=SIDE,v=SIDE[,rotate][,first=N,last=N,ek=SIDE,ev=SIDE]"
         ))
     };
     let (backend, rest) = s.split_once(':').ok_or_else(|| bad("no `:`"))?;
@@ -199,16 +200,40 @@ fn parse_config(base: &EngineConfig, s: &str) -> Result<EngineConfig, KvqError> 
     c.cache = None;
     if rest.contains('=') || rest == "rotate" {
         let (mut k, mut v, mut rotate) = (None, None, false);
+        let (mut edge_k, mut edge_v, mut first, mut last) = (None, None, 0, 0);
+        let count = |n: &str| {
+            n.parse::<usize>()
+                .map_err(|_| bad(&format!("`{n}` is not a layer count")))
+        };
         for item in rest.split(',') {
             match item.split_once('=') {
                 Some(("k", side)) => k = Some(side),
                 Some(("v", side)) => v = Some(side),
+                Some(("ek", side)) => edge_k = Some(side),
+                Some(("ev", side)) => edge_v = Some(side),
+                Some(("first", n)) => first = count(n)?,
+                Some(("last", n)) => last = count(n)?,
                 None if item == "rotate" => rotate = true,
                 _ => return Err(bad(&format!("unknown item `{item}`"))),
             }
         }
         c.engine.quant_policy = QuantPolicy::Number(0);
         apply_cache_flags(&mut c, k, v, rotate)?;
+        match (edge_k, edge_v) {
+            (Some(ek), Some(ev)) => {
+                let side = |s: &str| SideKind::parse(s).map_err(|e| bad(&e));
+                if let Some(cache) = c.cache.as_mut() {
+                    cache.edge = Some(EdgeLayers {
+                        first,
+                        last,
+                        k: side(ek)?,
+                        v: side(ev)?,
+                    });
+                }
+            }
+            (None, None) if first + last == 0 => {}
+            _ => return Err(bad("an edge override needs ek=, ev= and first= or last=")),
+        }
     } else {
         c.engine.quant_policy = match rest.parse::<i64>() {
             Ok(n) => QuantPolicy::Number(n),

@@ -126,3 +126,70 @@ fn tp_must_divide_kv_heads() {
         "{err}"
     );
 }
+
+const EDGE: &str = "[cache]\nk = \"int4\"\nv = \"lm2u\"\nrotate = true\n[cache.edge]\n";
+
+#[test]
+fn edge_layers_split_the_cache_into_groups_and_weight_the_bits() {
+    let spec = fixture_spec(SMOL);
+    let n = spec.num_layers;
+    let r = ResolvedConfig::new(
+        &spec,
+        &config(&format!(
+            "{EDGE}first = 1\nlast = 2\nk = \"int8\"\nv = \"int8\"\n"
+        )),
+    )
+    .unwrap();
+    let groups = r.layer_groups();
+    let ranges: Vec<_> = groups.iter().map(|g| g.layers.clone()).collect();
+    assert_eq!(ranges, [0..1, 1..n - 2, n - 2..n]);
+    let (edge, main) = (
+        groups[0].codec.bits_per_element(),
+        r.codec.bits_per_element(),
+    );
+    let want = (3.0 * edge + (n - 3) as f64 * main) / n as f64;
+    assert!((r.bits_per_element() - want).abs() < 1e-9);
+    assert_eq!(
+        r.block_bytes(),
+        groups.iter().map(|g| g.layout.block_bytes()).sum::<usize>()
+    );
+    let plan = r.plan_exact(1 << 26);
+    assert_eq!(plan.num_blocks, (1 << 26) / r.block_bytes());
+    assert_eq!(r.new_cache(2).as_bytes().len(), 2 * r.block_bytes());
+    // Only first layers: two groups.
+    let r = ResolvedConfig::new(
+        &spec,
+        &config(&format!("{EDGE}first = 2\nk = \"fp16\"\nv = \"fp16\"\n")),
+    )
+    .unwrap();
+    assert_eq!(r.layer_groups().len(), 2);
+}
+
+#[test]
+fn bad_edge_layers_are_refused_with_the_rule() {
+    let cases = [
+        (
+            format!("{EDGE}k = \"int8\"\nv = \"int8\"\n"),
+            "at least one edge layer",
+        ),
+        (
+            format!("{EDGE}first = 20\nlast = 10\nk = \"int8\"\nv = \"int8\"\n"),
+            "fewer edge layers",
+        ),
+        (
+            format!("[engine]\ndevice = \"cuda\"\n{EDGE}first = 1\nk = \"int8\"\nv = \"int8\"\n"),
+            "device = \"cpu\"",
+        ),
+    ];
+    for (toml, needle) in cases {
+        let err = reject(SMOL, &toml);
+        assert!(err.contains(needle), "{toml}: {err}");
+    }
+    let err = reject(
+        SMOL,
+        &format!(
+            "[engine]\nbackend = \"turbomind\"\n{EDGE}first = 1\nk = \"int8\"\nv = \"int8\"\n"
+        ),
+    );
+    assert!(err.contains("pytorch"), "{err}");
+}

@@ -65,7 +65,13 @@ fn attention_with(
     out: &mut [f32],
     use_avx2: Option<bool>,
 ) -> Result<(), KvqError> {
-    let codec = cache.codec().as_ref();
+    if layer >= cache.num_layers() {
+        return Err(KvqError::InvalidArgument(format!(
+            "attention over layer {layer} of a cache of {} layers",
+            cache.num_layers()
+        )));
+    }
+    let codec = cache.codec_of(layer).as_ref();
     let (dk, dv) = (codec.head_dim_k(), codec.head_dim_v());
     let heads = batch.num_heads;
     let kv_heads = cache.layout().num_kv_heads;
@@ -283,7 +289,7 @@ fn attend_task<L: Lanes>(
     g: &GroupQuery<'_>,
     t: &Task,
 ) -> Partial {
-    let codec = cache.codec().as_ref();
+    let codec = cache.codec_of(layer).as_ref();
     let (dk, dv) = (codec.head_dim_k(), codec.head_dim_v());
     let (seq, group) = (g.seq, g.group);
     let first_pos = seq.context_len - seq.q_len;

@@ -8,5 +8,5 @@ pub mod planner;
 
 pub use block_pool::{BlockPool, BlockTable};
 pub use layout::{CacheLayout, LayerPlacement, RegionLayout};
-pub use paged::PagedKvCache;
+pub use paged::{LayerGroup, PagedKvCache};
 pub use planner::MemoryPlan;

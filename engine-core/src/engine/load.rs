@@ -218,11 +218,7 @@ impl Engine {
                     device.plan,
                 );
                 // The K/V lives on the device: the host cache keeps only the layout.
-                engine.cache = PagedKvCache::new(
-                    engine.resolved.layout.clone(),
-                    engine.resolved.codec.clone(),
-                    0,
-                );
+                engine.cache = engine.resolved.new_cache(0);
                 engine.device = Some((device.runner, device.device_name));
                 engine
             }
@@ -239,11 +235,7 @@ impl Engine {
         resolved: ResolvedConfig,
         plan: MemoryPlan,
     ) -> Self {
-        let cache = PagedKvCache::new(
-            resolved.layout.clone(),
-            resolved.codec.clone(),
-            plan.num_blocks,
-        );
+        let cache = resolved.new_cache(plan.num_blocks);
         let pool = BlockPool::new(plan.num_blocks);
         let limits = SchedulerLimits {
             max_batch_size: config.engine.max_batch_size,
@@ -289,7 +281,7 @@ impl Engine {
             "{} backend, KV codec {} ({:.2} bits/element): {} blocks of {} tokens = {} tokens, {:.2}x the fp16 cache; session_len {}",
             self.resolved.backend.name(),
             self.resolved.codec.name(),
-            self.resolved.codec.bits_per_element(),
+            self.resolved.bits_per_element(),
             self.plan.num_blocks,
             self.plan.block_size,
             self.plan.token_capacity,

@@ -44,6 +44,7 @@ fn tiny_engine(num_blocks: usize, block_size: usize, max_batch_size: usize) -> E
         codec,
         layout: layout.clone(),
         fp16_layout: layout,
+        edge: None,
     };
     let plan = resolved.plan_exact((num_blocks * resolved.layout.block_bytes()) as u64);
     assert_eq!(plan.num_blocks, num_blocks);
