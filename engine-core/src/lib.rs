@@ -21,6 +21,7 @@ pub mod model;
 pub mod model_spec;
 pub mod ops;
 pub mod plan;
+pub mod qk_study;
 pub mod sampling;
 pub mod testing;
 

@@ -38,6 +38,14 @@ pub struct EvalArgs {
     /// Write a chart of mean KLD (log scale) against bits per element to this SVG file.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Instead of the KLD table: capture the model's queries and keys on the window and
+    /// report each K codec's bias and spread of q·k̂ against the exact q·k (the residual-sign
+    /// and QJL study). `--configs` picks K sides as `pytorch:k=SIDE,v=fp16[,rotate]`.
+    #[arg(long)]
+    pub qk_study: bool,
+    /// With --qk-study: score every this-many-th query position against all keys it sees.
+    #[arg(long, default_value_t = 8)]
+    pub query_stride: usize,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -88,6 +96,21 @@ pub fn run(a: EvalArgs) -> Result<(), KvqError> {
         )));
     }
     let tokens = &all[a.offset..a.offset + a.ctx];
+    if a.qk_study {
+        let specs = if a.configs.is_empty() {
+            super::qk_study::DEFAULT_SIDES
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        } else {
+            split_configs(&a.configs)
+        };
+        let configs = specs
+            .iter()
+            .map(|s| parse_config(&base, s))
+            .collect::<Result<Vec<_>, _>>()?;
+        return super::qk_study::run(&a, &model, tokens, &configs);
+    }
     let reference = with(&base, "pytorch", QuantPolicy::Number(0));
     let specs: Vec<String> = if !a.configs.is_empty() {
         split_configs(&a.configs)

@@ -9,6 +9,7 @@ mod check_config;
 mod eval;
 mod generate;
 mod loading;
+mod qk_study;
 mod serve;
 mod sweep_chart;
 
