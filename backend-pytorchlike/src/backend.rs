@@ -162,6 +162,7 @@ mod tests {
                     k: kk,
                     v: vv,
                     rotate,
+                    edge: None,
                 };
                 let choice = CodecChoice::Sides(c);
                 if check_head_dims(&choice, &spec(d)).is_ok() {
@@ -193,6 +194,7 @@ mod tests {
                         k: kind,
                         v: kind,
                         rotate: true,
+                        edge: None,
                     }),
                     d,
                 );
@@ -203,6 +205,7 @@ mod tests {
                 k: SideKind::Int8,
                 v: kind,
                 rotate: false,
+                edge: None,
             });
             let r = check_head_dims(&choice, &spec(96));
             assert_eq!(
@@ -221,6 +224,7 @@ mod tests {
                 k: SideKind::Int8,
                 v: SideKind::Lm2,
                 rotate: false,
+                edge: None,
             }),
             64,
         );
@@ -428,6 +432,7 @@ mod tests {
                     k: kind,
                     v: kind,
                     rotate: true,
+                    edge: None,
                 });
                 let mut seeds = vec![1, 2, 3, 4, 5, 6];
                 seeds.push(fresh_seed(&format!("cosine {} D={d}", choice.name())));

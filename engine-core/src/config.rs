@@ -256,6 +256,23 @@ impl EngineConfig {
         })?)
     }
 
+    /// Refuses `tp > 1` where a model is about to run: tensor parallelism is planned
+    /// (`kvq check-config` shows one rank's share of the cache) but not executed yet, and a
+    /// rank-sized cache under a whole model would fail on its first write.
+    pub fn check_tp_runs(&self) -> Result<(), ConfigError> {
+        let tp = self.engine.tp;
+        if tp > 1 {
+            return Err(ConfigError::Unsupported {
+                backend: self.engine.backend.clone(),
+                reason: format!(
+                    "tp = {tp} splits the model over {tp} GPUs, which this version does not run yet \
+                     (`kvq check-config` plans one rank's share of the cache); use tp = 1"
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Checks every value against its range; backend rules come later, in the backend.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let e = &self.engine;

@@ -36,6 +36,7 @@ pub fn window_logits(
     cfg: &EngineConfig,
     tokens: &[u32],
 ) -> Result<(ResolvedConfig, Vec<f32>), KvqError> {
+    cfg.check_tp_runs()?;
     let resolved = ResolvedConfig::new(&model.spec, cfg)?;
     let block = cfg.engine.block_size;
     let blocks = BlockTable::blocks_for(tokens.len(), block);

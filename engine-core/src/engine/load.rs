@@ -160,6 +160,7 @@ impl Engine {
         progress: &mut dyn FnMut(LoadStage),
     ) -> Result<Self, KvqError> {
         config.validate()?;
+        config.check_tp_runs()?;
         let path = Path::new(&config.model.path);
         if path.exists() {
             // Refuse a bad combination from the metadata alone, before loading any weights.
@@ -189,6 +190,7 @@ impl Engine {
         tokenizer: Tokenizer,
     ) -> Result<Self, KvqError> {
         config.validate()?;
+        config.check_tp_runs()?;
         let resolved = ResolvedConfig::new(&spec, config)?;
         let engine = match config.device()? {
             // `auto` stays on the CPU: its results are the bit-exact, batch-invariant

@@ -653,3 +653,22 @@ fn a_runner_that_picks_greedy_tokens_gives_the_host_samplers_tokens() {
         assert_accounted(&picks);
     }
 }
+
+#[test]
+fn tensor_parallel_configs_are_refused_before_running() {
+    let spec = tiny_spec(true);
+    let model = load_llama(&InMemory(random_weights(&spec, 7)), &spec).unwrap();
+    let dir = TempDir::new("engine-tp");
+    write_tiny_tokenizer(dir.path());
+    let tokenizer = Tokenizer::from_path(dir.path()).unwrap();
+    let mut config = EngineConfig::default();
+    config.engine.tp = 2;
+    let err = Engine::from_model(&config, spec, model, tokenizer)
+        .err()
+        .expect("tp = 2 refused")
+        .to_string();
+    assert!(
+        err.contains("tp = 2") && err.contains("use tp = 1"),
+        "{err}"
+    );
+}
