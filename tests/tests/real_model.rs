@@ -144,3 +144,39 @@ fn every_policy_stays_within_its_accuracy_bounds() {
     assert!(kld("pytorch", 8) < kld("pytorch", 4) && kld("pytorch", 4) < kld("pytorch", 42));
     assert!(kld("turbomind", 8) < kld("turbomind", 4));
 }
+
+/// The QJL study's findings hold on a short window: the residual sign cuts 3-bit Lloyd–Max's
+/// score error, and the paper's QJL estimator spreads its scores far more than the sign does.
+#[test]
+fn qk_study_orders_the_k_codecs_as_measured() {
+    use engine_core::config::{CacheSection, SideKind};
+    use engine_core::plan::ResolvedConfig;
+    use engine_core::qk_study::{capture_qk, score_error};
+    let Some(model) = default_model() else { return };
+    let (spec, llama, tok) = load_model(&model, &mut |_| {}).unwrap();
+    let text = std::fs::read_to_string(text("gpl-3.0.txt")).unwrap();
+    let ids = tok.encode(&text, false).unwrap();
+    let window = &ids[1000..1256];
+    let spread = |k: SideKind| {
+        let mut cfg = config(&model, "pytorch", 0);
+        cfg.cache = Some(CacheSection {
+            k,
+            v: SideKind::Fp16,
+            rotate: false,
+            edge: None,
+        });
+        let r = ResolvedConfig::new(&spec, &cfg).unwrap();
+        let qk = capture_qk(&llama, r.backend.as_ref(), window).unwrap();
+        let e = score_error(&qk, r.codec.as_ref(), 8).unwrap();
+        eprintln!("{e:?}");
+        assert!(e.pairs > 0 && e.relative_bias.is_finite() && e.relative_spread.is_finite());
+        e.relative_spread
+    };
+    let (sign, no_sign, qjl) = (
+        spread(SideKind::Tq3s),
+        spread(SideKind::Lm3),
+        spread(SideKind::Tqprod3),
+    );
+    assert!(no_sign > 1.4 * sign, "sign {sign} vs none {no_sign}");
+    assert!(qjl > 2.0 * sign, "QJL {qjl} vs sign {sign}");
+}
