@@ -119,7 +119,7 @@ pub fn compare(
     let p99 = sorted[((n as f64 * 0.99).ceil() as usize).clamp(1, n) - 1];
     EvalRow {
         backend: resolved.backend.name().to_string(),
-        codec: resolved.codec.name().to_string(),
+        codec: resolved.codec_name(),
         policy: resolved.codec.policy(),
         bits_per_element: resolved.bits_per_element(),
         kv_bytes_per_token: resolved.bytes_per_token(),

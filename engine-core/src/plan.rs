@@ -97,6 +97,21 @@ impl ResolvedConfig {
         .collect()
     }
 
+    /// The configuration's codec name: the codec's, with `[cache.edge]` the full section's
+    /// (e.g. `k:lm4+v:lm2u|edge1/1:k:int4+v:int4`).
+    pub fn codec_name(&self) -> String {
+        match &self.edge {
+            None => self.codec.name().to_string(),
+            Some(e) => format!(
+                "{}|edge{}/{}:{}",
+                self.codec.name(),
+                e.layers.first,
+                e.layers.last,
+                e.codec.name()
+            ),
+        }
+    }
+
     /// A zeroed cache of `num_blocks` blocks with this configuration's layer groups.
     pub fn new_cache(&self, num_blocks: usize) -> PagedKvCache {
         PagedKvCache::with_layer_groups(self.layer_groups(), num_blocks)

@@ -224,11 +224,10 @@ fn generate(a: GenerateBenchArgs) -> Result<(), KvqError> {
                 .iter()
                 .map(|t| (a.new_tokens - 1) as f64 / t.decode)
                 .collect();
-            let codec = &engine.resolved.codec;
             Row {
                 backend: engine.resolved.backend.name().to_string(),
-                policy: codec.policy(),
-                codec: codec.name().to_string(),
+                policy: engine.resolved.codec.policy(),
+                codec: engine.resolved.codec_name(),
                 bits_per_element: engine.resolved.bits_per_element(),
                 prefill_tok_s: median(&prefill),
                 decode_tok_s: median(&decode),

@@ -52,11 +52,18 @@ pub fn run(mut a: CheckConfigArgs) -> Result<(), KvqError> {
             "model": cfg.model.path,
             "spec": spec,
             "backend": resolved.backend.name(),
-            "codec": resolved.codec.name(),
+            "codec": resolved.codec_name(),
             "policy": resolved.codec.policy(),
             "bytes_per_token_per_layer_per_head": resolved.token_bytes(),
             "block_bytes": resolved.block_bytes(),
             "block_padding": resolved.block_padding(),
+            "bits_per_element": resolved.bits_per_element(),
+            "layer_groups": resolved.layer_groups().iter().map(|g| serde_json::json!({
+                "layers": [g.layers.start, g.layers.end],
+                "codec": g.codec.name(),
+                "bits_per_element": g.codec.bits_per_element(),
+                "block_bytes": g.layout.block_bytes(),
+            })).collect::<Vec<_>>(),
             "plan": plan,
         });
         println!("{}", serde_json::to_string_pretty(&j).expect("json"));
@@ -85,11 +92,28 @@ fn print_text(model: &str, spec: &ModelSpec, r: &ResolvedConfig, plan: Option<&M
         .policy()
         .map(|p| format!(" (quant_policy {p})"))
         .unwrap_or_default();
-    println!("codec        {}{policy}", r.codec.name());
+    println!("codec        {}{policy}", r.codec_name());
     println!(
         "per token, per layer, per KV head: K {} + {} meta, V {} + {} meta = {} bytes (fp16: {}), {:.3} bits/element",
         t.k_data, t.k_meta, t.v_data, t.v_meta, t.total, t.fp16_total, t.bits_per_element
     );
+    let groups = r.layer_groups();
+    if groups.len() > 1 {
+        for g in &groups {
+            let (k, v) = (g.layout.k, g.layout.v);
+            println!(
+                "layers       {:>2}..{:<2} {}: K {} + {} meta, V {} + {} meta bytes, {:.3} bits/element",
+                g.layers.start,
+                g.layers.end,
+                g.codec.name(),
+                k.data,
+                k.meta,
+                v.data,
+                v.meta,
+                g.codec.bits_per_element()
+            );
+        }
+    }
     println!(
         "block        {} tokens, {} bytes over {} layers ({} bytes alignment padding)",
         r.layout.block_size,

@@ -143,6 +143,12 @@ fn edge_layers_split_the_cache_into_groups_and_weight_the_bits() {
     let groups = r.layer_groups();
     let ranges: Vec<_> = groups.iter().map(|g| g.layers.clone()).collect();
     assert_eq!(ranges, [0..1, 1..n - 2, n - 2..n]);
+    let names: Vec<_> = groups.iter().map(|g| g.codec.name().to_string()).collect();
+    assert_eq!(
+        names,
+        ["k:int8r+v:int8r", "k:int4r+v:lm2u", "k:int8r+v:int8r"]
+    );
+    assert_eq!(r.codec_name(), "k:int4r+v:lm2u|edge1/2:k:int8r+v:int8r");
     let (edge, main) = (
         groups[0].codec.bits_per_element(),
         r.codec.bits_per_element(),

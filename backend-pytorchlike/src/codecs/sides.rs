@@ -43,7 +43,7 @@ pub fn sides_codec(
     dtype: KvDtype,
 ) -> KvPair {
     KvPair::new(
-        &c.codec_name(),
+        &c.main_section().codec_name(),
         None,
         build_side(c.k, c.rotate, head_dim_k, dtype),
         build_side(c.v, c.rotate, head_dim_v, dtype),

@@ -61,7 +61,7 @@ impl EngineInfo {
     pub fn of(engine: &Engine) -> Self {
         Self {
             backend: engine.resolved.backend.name().to_string(),
-            codec: engine.resolved.codec.name().to_string(),
+            codec: engine.resolved.codec_name(),
             policy: engine.resolved.codec.policy(),
             session_len: engine.limits().session_len,
             max_batch_size: engine.limits().max_batch_size,

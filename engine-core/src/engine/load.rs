@@ -282,7 +282,7 @@ impl Engine {
         format!(
             "{} backend, KV codec {} ({:.2} bits/element): {} blocks of {} tokens = {} tokens, {:.2}x the fp16 cache; session_len {}",
             self.resolved.backend.name(),
-            self.resolved.codec.name(),
+            self.resolved.codec_name(),
             self.resolved.bits_per_element(),
             self.plan.num_blocks,
             self.plan.block_size,
