@@ -151,9 +151,16 @@ pub struct EdgeLayers {
 }
 
 impl EdgeLayers {
+    /// The layers of a `num_layers` model in order: the first edge, the main layers, the last
+    /// edge (any may be empty).
+    pub fn layer_ranges(&self, num_layers: usize) -> [std::ops::Range<usize>; 3] {
+        let last = num_layers.saturating_sub(self.last).max(self.first);
+        [0..self.first, self.first..last, last..num_layers]
+    }
+
     /// Whether `layer` of `num_layers` takes the edge sides.
     pub fn covers(&self, layer: usize, num_layers: usize) -> bool {
-        layer < self.first || layer + self.last >= num_layers
+        !self.layer_ranges(num_layers)[1].contains(&layer)
     }
 }
 

@@ -85,11 +85,11 @@ impl ResolvedConfig {
         let Some(edge) = &self.edge else {
             return vec![group(0..n, &self.codec)];
         };
-        let (first, last) = (edge.layers.first, n - edge.layers.last);
+        let [first, main, last] = edge.layers.layer_ranges(n);
         [
-            (0..first, &edge.codec),
-            (first..last, &self.codec),
-            (last..n, &edge.codec),
+            (first, &edge.codec),
+            (main, &self.codec),
+            (last, &edge.codec),
         ]
         .into_iter()
         .filter(|(r, _)| !r.is_empty())

@@ -6,10 +6,9 @@ use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use kvq::config::QuantPolicy;
 use kvq::engine::{Engine, Request, TokenEvent};
 use kvq::sampling::SamplingParams;
-use kvq::{EngineConfig, KvqError};
+use kvq::KvqError;
 
 use super::args::EngineArgs;
 
@@ -140,7 +139,7 @@ fn generate(a: GenerateBenchArgs) -> Result<(), KvqError> {
     if a.engine.max_batch_size.is_none() {
         base.engine.max_batch_size = 1;
     }
-    let (_, configs) = parse_configs(&base, &a.configs, &DEFAULT_CONFIGS)?;
+    let (_, configs) = super::config_list::parse_configs(&base, &a.configs, &DEFAULT_CONFIGS)?;
     let threads = kvq::ops::num_threads();
     let mut engines = configs
         .iter()
@@ -472,38 +471,6 @@ fn median(xs: &[f64]) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
-}
-
-pub(super) fn parse_config(base: &EngineConfig, s: &str) -> Result<EngineConfig, KvqError> {
-    let (backend, policy) = s.split_once(':').ok_or_else(|| {
-        KvqError::InvalidArgument(format!("--configs entry `{s}` is not BACKEND:POLICY"))
-    })?;
-    let mut c = base.clone();
-    c.engine.backend = backend.to_string();
-    c.engine.quant_policy = match policy.parse::<i64>() {
-        Ok(n) => QuantPolicy::Number(n),
-        Err(_) => QuantPolicy::Name(policy.to_string()),
-    };
-    c.validate()?;
-    Ok(c)
-}
-
-/// The `BACKEND:POLICY` list of a benchmark (`defaults` when empty) and the configs it names.
-pub(crate) fn parse_configs(
-    base: &EngineConfig,
-    given: &[String],
-    defaults: &[&str],
-) -> Result<(Vec<String>, Vec<EngineConfig>), KvqError> {
-    let specs: Vec<String> = if given.is_empty() {
-        defaults.iter().map(|s| s.to_string()).collect()
-    } else {
-        given.to_vec()
-    };
-    let configs = specs
-        .iter()
-        .map(|s| parse_config(base, s))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((specs, configs))
 }
 
 fn header() -> String {

@@ -4,12 +4,13 @@
 use clap::Args;
 use std::path::PathBuf;
 
-use kvq::config::{EdgeLayers, QuantPolicy, SideKind};
+use kvq::config::QuantPolicy;
 use kvq::engine::load_model;
 use kvq::eval::{evaluate, EvalRow};
 use kvq::{EngineConfig, KvqError};
 
-use super::args::{apply_cache_flags, EngineArgs};
+use super::args::EngineArgs;
+use super::config_list::parse_configs;
 use super::sweep_chart::{pareto_front, render, Point};
 
 #[derive(Args, Debug)]
@@ -97,32 +98,16 @@ pub fn run(a: EvalArgs) -> Result<(), KvqError> {
     }
     let tokens = &all[a.offset..a.offset + a.ctx];
     if a.qk_study {
-        let specs = if a.configs.is_empty() {
-            super::qk_study::DEFAULT_SIDES
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
-        } else {
-            split_configs(&a.configs)
-        };
-        let configs = specs
-            .iter()
-            .map(|s| parse_config(&base, s))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (_, configs) = parse_configs(&base, &a.configs, &super::qk_study::DEFAULT_SIDES)?;
         return super::qk_study::run(&a, &model, tokens, &configs);
     }
     let reference = with(&base, "pytorch", QuantPolicy::Number(0));
-    let specs: Vec<String> = if !a.configs.is_empty() {
-        split_configs(&a.configs)
-    } else if a.sweep {
-        SWEEP_CONFIGS.iter().map(|s| s.to_string()).collect()
+    let defaults: &[&str] = if a.sweep {
+        &SWEEP_CONFIGS
     } else {
-        DEFAULT_CONFIGS.iter().map(|s| s.to_string()).collect()
+        &DEFAULT_CONFIGS
     };
-    let configs = specs
-        .iter()
-        .map(|s| parse_config(&base, s))
-        .collect::<Result<Vec<_>, _>>()?;
+    let (_, configs) = parse_configs(&base, &a.configs, defaults)?;
     if !a.json {
         eprintln!(
             "kvq eval: {} tokens of {} (offset {}), reference: pytorch fp16 cache",
@@ -191,80 +176,6 @@ fn with(base: &EngineConfig, backend: &str, policy: QuantPolicy) -> EngineConfig
     c.engine.quant_policy = policy;
     c.cache = None;
     c
-}
-
-/// Splits `--configs` values on commas; a piece without `:` (`v=int4`, `rotate`) continues
-/// the entry before it.
-fn split_configs(values: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for piece in values.iter().flat_map(|v| v.split(',')) {
-        let piece = piece.trim();
-        match out.last_mut() {
-            Some(last) if !piece.contains(':') => {
-                last.push(',');
-                last.push_str(piece);
-            }
-            _ => out.push(piece.to_string()),
-        }
-    }
-    out
-}
-
-fn parse_config(base: &EngineConfig, s: &str) -> Result<EngineConfig, KvqError> {
-    let bad = |why: &str| {
-        KvqError::InvalidArgument(format!(
-            "--configs entry `{s}`: {why}; write BACKEND:POLICY or \
-             BACKEND:k=SIDE,v=SIDE[,rotate][,first=N,last=N,ek=SIDE,ev=SIDE]"
-        ))
-    };
-    let (backend, rest) = s.split_once(':').ok_or_else(|| bad("no `:`"))?;
-    let mut c = base.clone();
-    c.engine.backend = backend.to_string();
-    c.cache = None;
-    if rest.contains('=') || rest == "rotate" {
-        let (mut k, mut v, mut rotate) = (None, None, false);
-        let (mut edge_k, mut edge_v, mut first, mut last) = (None, None, 0, 0);
-        let count = |n: &str| {
-            n.parse::<usize>()
-                .map_err(|_| bad(&format!("`{n}` is not a layer count")))
-        };
-        for item in rest.split(',') {
-            match item.split_once('=') {
-                Some(("k", side)) => k = Some(side),
-                Some(("v", side)) => v = Some(side),
-                Some(("ek", side)) => edge_k = Some(side),
-                Some(("ev", side)) => edge_v = Some(side),
-                Some(("first", n)) => first = count(n)?,
-                Some(("last", n)) => last = count(n)?,
-                None if item == "rotate" => rotate = true,
-                _ => return Err(bad(&format!("unknown item `{item}`"))),
-            }
-        }
-        c.engine.quant_policy = QuantPolicy::Number(0);
-        apply_cache_flags(&mut c, k, v, rotate)?;
-        match (edge_k, edge_v) {
-            (Some(ek), Some(ev)) => {
-                let side = |s: &str| SideKind::parse(s).map_err(|e| bad(&e));
-                if let Some(cache) = c.cache.as_mut() {
-                    cache.edge = Some(EdgeLayers {
-                        first,
-                        last,
-                        k: side(ek)?,
-                        v: side(ev)?,
-                    });
-                }
-            }
-            (None, None) if first + last == 0 => {}
-            _ => return Err(bad("an edge override needs ek=, ev= and first= or last=")),
-        }
-    } else {
-        c.engine.quant_policy = match rest.parse::<i64>() {
-            Ok(n) => QuantPolicy::Number(n),
-            Err(_) => QuantPolicy::Name(rest.to_string()),
-        };
-    }
-    c.validate()?;
-    Ok(c)
 }
 
 fn header() -> String {

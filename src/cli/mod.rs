@@ -6,6 +6,7 @@ mod bench_attention;
 mod bench_throughput;
 mod chat;
 mod check_config;
+mod config_list;
 mod eval;
 mod generate;
 mod loading;

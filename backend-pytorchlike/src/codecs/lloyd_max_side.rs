@@ -10,7 +10,7 @@ use engine_core::KvDtype;
 
 use super::lloyd_max::{B3, B4, C3, C4};
 use super::packing::{pack_bits, unpack_bits};
-use super::turbo_quant::{check_dim, norm, stored_norm, unit};
+use super::turbo_quant::{check_dim, encode_unit_codes};
 
 /// A b-bit (3 or 4) Lloyd–Max side.
 #[derive(Debug, Clone)]
@@ -77,16 +77,16 @@ impl SideCodec for LloydMaxSide {
     }
 
     fn encode(&self, y: &[f32], data: &mut [u8], meta: &mut [u8]) {
-        let y = &y[..self.dim];
-        let n = norm(y, self.dtype);
-        let codes: Vec<u8> = y
-            .iter()
-            .map(|&v| self.index(unit(v, n, self.dtype)))
-            .collect();
-        pack_bits(&codes, self.bits, &mut data[..self.bytes().data]);
-        let n = stored_norm(y, n, self.dtype, &codes, &self.centroids, self.unshrink);
-        self.dtype
-            .store_at(self.dtype.round_saturating(n as f32), meta, 0);
+        let bytes = self.bytes().data;
+        encode_unit_codes(
+            &y[..self.dim],
+            self.dtype,
+            &self.centroids,
+            self.unshrink,
+            |u| self.index(u),
+            |codes| pack_bits(codes, self.bits, &mut data[..bytes]),
+            meta,
+        );
     }
 
     fn decode(&self, data: &[u8], meta: &[u8], out: &mut [f32]) {

@@ -182,6 +182,24 @@ pub(crate) fn unshrunk_norm(n: f64, proj: f64) -> f64 {
     }
 }
 
+/// Encodes one vector on a Lloyd–Max side: each coordinate of the unit vector gets the code
+/// `index` picks, `pack` stores the codes, and `meta` the [`stored_norm`].
+pub(crate) fn encode_unit_codes(
+    y: &[f32],
+    dtype: KvDtype,
+    centroids: &[f32],
+    unshrink: bool,
+    index: impl Fn(f32) -> u8,
+    pack: impl FnOnce(&[u8]),
+    meta: &mut [u8],
+) {
+    let n = norm(y, dtype);
+    let codes: Vec<u8> = y.iter().map(|&v| index(unit(v, n, dtype))).collect();
+    pack(&codes);
+    let n = stored_norm(y, n, dtype, &codes, centroids, unshrink);
+    dtype.store_at(dtype.round_saturating(n as f32), meta, 0);
+}
+
 /// The norm a Lloyd–Max side stores for `y` (norm `n`) coded as `codes`: `n`, or with
 /// `unshrink` the [`unshrunk_norm`] from the projection of the unit vector on its centroids.
 pub(crate) fn stored_norm(
@@ -248,26 +266,21 @@ impl SideCodec for LloydMax2Side {
     }
 
     fn encode(&self, y: &[f32], data: &mut [u8], meta: &mut [u8]) {
-        let y = &y[..self.dim];
-        let n = norm(y, self.dtype);
-        let codes: Vec<u8> = y
-            .iter()
-            .map(|&v| self.book.index(unit(v, n, self.dtype)))
-            .collect();
         let quarter = self.dim / 4;
-        for (j, byte) in data[..quarter].iter_mut().enumerate() {
-            *byte = (0..4).fold(0u8, |acc, k| acc | codes[j + k * quarter] << (2 * k));
-        }
-        let n = stored_norm(
-            y,
-            n,
+        let pack = |codes: &[u8]| {
+            for (j, byte) in data[..quarter].iter_mut().enumerate() {
+                *byte = (0..4).fold(0u8, |acc, k| acc | codes[j + k * quarter] << (2 * k));
+            }
+        };
+        encode_unit_codes(
+            &y[..self.dim],
             self.dtype,
-            &codes,
             &self.book.centroids,
             self.unshrink,
+            |u| self.book.index(u),
+            pack,
+            meta,
         );
-        self.dtype
-            .store_at(self.dtype.round_saturating(n as f32), meta, 0);
     }
 
     fn decode(&self, data: &[u8], meta: &[u8], out: &mut [f32]) {

@@ -20,6 +20,17 @@ const fn nibble_slot(j: usize) -> usize {
     4 * (j & 1) + (j >> 1)
 }
 
+/// [`nibble_slot`] of each element of a group, for the vector decoder.
+const SLOTS: [u32; GROUP] = {
+    let mut s = [0u32; GROUP];
+    let mut j = 0;
+    while j < GROUP {
+        s[j] = nibble_slot(j) as u32;
+        j += 1;
+    }
+    s
+};
+
 /// Packs eight 4-bit codes into TurboMind's word: `byte0 = e0 | e2<<4`, `byte1 = e4 | e6<<4`,
 /// `byte2 = e1 | e3<<4`, `byte3 = e5 | e7<<4`. Codes above 15 are masked.
 #[inline]
@@ -110,7 +121,7 @@ impl SideCodec for TmInt4Side {
         // `Params::decode` (c · scale + zero, two roundings) per element, vectorized.
         affine_rows(
             data,
-            Packing::WordNibbles(std::array::from_fn(|j| nibble_slot(j) as u32)),
+            Packing::WordNibbles(SLOTS),
             Affine::MulAdd,
             |i| Params::load(dtype, meta.entry(i)).mul_add(),
             out,

@@ -158,7 +158,7 @@ pub fn run(a: ThroughputBenchArgs) -> Result<(), KvqError> {
     if a.engine.session_len.is_none() {
         base.engine.session_len = base.engine.session_len.min(DEFAULT_SESSION_LEN);
     }
-    let (specs, configs) = super::bench::parse_configs(&base, &a.configs, &DEFAULT_CONFIGS)?;
+    let (specs, configs) = super::config_list::parse_configs(&base, &a.configs, &DEFAULT_CONFIGS)?;
     // Refuse a configuration its backend cannot run (e.g. speculation with pytorch policy
     // 42) before any of them runs.
     let spec = match &a.model_shape {

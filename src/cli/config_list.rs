@@ -1,0 +1,100 @@
+//! The `--configs` list of `eval` and the benchmarks: `BACKEND:POLICY` entries
+//! (`pytorch:42`) or `[cache]` entries (`pytorch:k=int4,v=lm2u,rotate` with an optional edge
+//! override `first=N,last=N,ek=SIDE,ev=SIDE`), comma-separated.
+
+use kvq::config::{EdgeLayers, QuantPolicy, SideKind};
+use kvq::{EngineConfig, KvqError};
+
+use super::args::apply_cache_flags;
+
+/// The entries of `given` (`defaults` when empty) and the configs they name.
+pub fn parse_configs(
+    base: &EngineConfig,
+    given: &[String],
+    defaults: &[&str],
+) -> Result<(Vec<String>, Vec<EngineConfig>), KvqError> {
+    let specs: Vec<String> = if given.is_empty() {
+        defaults.iter().map(|s| s.to_string()).collect()
+    } else {
+        split_configs(given)
+    };
+    let configs = specs
+        .iter()
+        .map(|s| parse_config(base, s))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((specs, configs))
+}
+
+/// Splits `--configs` values on commas; a piece without `:` (`v=int4`, `rotate`) continues
+/// the entry before it.
+fn split_configs(values: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for piece in values.iter().flat_map(|v| v.split(',')) {
+        let piece = piece.trim();
+        match out.last_mut() {
+            Some(last) if !piece.contains(':') => {
+                last.push(',');
+                last.push_str(piece);
+            }
+            _ => out.push(piece.to_string()),
+        }
+    }
+    out
+}
+
+fn parse_config(base: &EngineConfig, s: &str) -> Result<EngineConfig, KvqError> {
+    let bad = |why: &str| {
+        KvqError::InvalidArgument(format!(
+            "--configs entry `{s}`: {why}; write BACKEND:POLICY or \
+             BACKEND:k=SIDE,v=SIDE[,rotate][,first=N,last=N,ek=SIDE,ev=SIDE]"
+        ))
+    };
+    let (backend, rest) = s.split_once(':').ok_or_else(|| bad("no `:`"))?;
+    let mut c = base.clone();
+    c.engine.backend = backend.to_string();
+    c.cache = None;
+    if rest.contains('=') || rest == "rotate" {
+        let (mut k, mut v, mut rotate) = (None, None, false);
+        let (mut edge_k, mut edge_v, mut first, mut last) = (None, None, 0, 0);
+        let count = |n: &str| {
+            n.parse::<usize>()
+                .map_err(|_| bad(&format!("`{n}` is not a layer count")))
+        };
+        for item in rest.split(',') {
+            match item.split_once('=') {
+                Some(("k", side)) => k = Some(side),
+                Some(("v", side)) => v = Some(side),
+                Some(("ek", side)) => edge_k = Some(side),
+                Some(("ev", side)) => edge_v = Some(side),
+                Some(("first", n)) => first = count(n)?,
+                Some(("last", n)) => last = count(n)?,
+                None if item == "rotate" => rotate = true,
+                _ => return Err(bad(&format!("unknown item `{item}`"))),
+            }
+        }
+        c.engine.quant_policy = QuantPolicy::Number(0);
+        apply_cache_flags(&mut c, k, v, rotate)?;
+        match (edge_k, edge_v) {
+            (Some(ek), Some(ev)) => {
+                let side = |s: &str| SideKind::parse(s).map_err(|e| bad(&e));
+                if let Some(cache) = c.cache.as_mut() {
+                    cache.edge = Some(EdgeLayers {
+                        first,
+                        last,
+                        k: side(ek)?,
+                        v: side(ev)?,
+                    });
+                }
+            }
+            (None, None) if first + last == 0 => {}
+            _ => return Err(bad("an edge override needs ek=, ev= and first= or last=")),
+        }
+    } else {
+        c.engine.quant_policy = match rest.parse::<i64>() {
+            Ok(n) => QuantPolicy::Number(n),
+            Err(_) => QuantPolicy::Name(rest.to_string()),
+        };
+    }
+    c.validate()?;
+    Ok(c)
+}
