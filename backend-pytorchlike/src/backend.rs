@@ -63,7 +63,8 @@ impl AttentionBackend for PytorchBackend {
                     backend: BACKEND.into(),
                     reason: format!(
                         "codec \"{}\" has no GPU kernel, so it cannot run with device = \"cuda\"; \
-                         use device = \"cpu\", or a codec with one (quant_policy 0, 8, 4 or 42)",
+                         use device = \"cpu\", or a codec with one (quant_policy 0, 8, 4 or 42; \
+                         [cache] sides fp16, int8 and int4, rotated or not, K tq3s, V lm2 and lm2u)",
                         codec.name()
                     ),
                 });
@@ -199,7 +200,9 @@ mod tests {
                     d,
                 );
                 assert_eq!(c.bits_per_element(), bits, "{} D={d}", kind.name());
-                assert_eq!(c.gpu_kernel(), None);
+                // same side both ways: only the symmetric GPU sides have a kernel
+                let gpu = matches!(kind, SideKind::Fp16 | SideKind::Int8 | SideKind::Int4);
+                assert_eq!(c.gpu_kernel().is_some(), gpu, "{}", kind.name());
             }
             let choice = CodecChoice::Sides(CacheSection {
                 k: SideKind::Int8,
@@ -249,6 +252,58 @@ mod tests {
         );
         cfg.engine.device = "cpu".into();
         PytorchBackend.validate(&spec(64), &cfg).unwrap();
+    }
+
+    /// Sides with GPU kernels name them: `k:<side>+v:<side>`, rotation marked on int sides.
+    #[test]
+    fn gpu_sides_name_their_kernels() {
+        use engine_core::config::{CacheSection, SideKind};
+        let name = |k, v, rotate| {
+            let c = CacheSection {
+                k,
+                v,
+                rotate,
+                edge: None,
+            };
+            crate::codecs::sides_codec(&c, 64, 64, KvDtype::F16).gpu_kernel()
+        };
+        let want = [
+            (
+                SideKind::Int4,
+                SideKind::Lm2u,
+                true,
+                Some("k:pt_int4r+v:lm2u"),
+            ),
+            (
+                SideKind::Int8,
+                SideKind::Int4,
+                true,
+                Some("k:pt_int8r+v:pt_int4r"),
+            ),
+            (
+                SideKind::Int8,
+                SideKind::Int4,
+                false,
+                Some("k:pt_int8+v:pt_int4"),
+            ),
+            (SideKind::Tq3s, SideKind::Lm2, false, Some("k:tq3s+v:lm2")),
+            (
+                SideKind::Fp16,
+                SideKind::Int8,
+                true,
+                Some("k:float+v:pt_int8r"),
+            ),
+            (SideKind::Lm2, SideKind::Int4, true, None),
+            (SideKind::Int4, SideKind::Tq3s, true, None),
+            (SideKind::Lm4, SideKind::Lm2u, true, None),
+        ];
+        for (k, v, rotate, kernel) in want {
+            assert_eq!(
+                name(k, v, rotate).as_deref(),
+                kernel,
+                "{k:?} {v:?} {rotate}"
+            );
+        }
     }
 
     fn build_test_codec(p: &CodecBuildParams) -> Result<Box<dyn KvCodec>, ConfigError> {

@@ -194,7 +194,7 @@ pub fn fill_normal(
     seed: u64,
 ) -> Result<(), KernelError> {
     let spec = Specialization {
-        codec: GpuCodec::Float,
+        codec: GpuCodec::FLOAT,
         dtype: KvDtype::F16,
         head_dim_k: 64,
         head_dim_v: 64,

@@ -77,7 +77,7 @@ pub fn decode_attention(
     };
     spec.check_decode()?;
     check_decode_layout(&spec, layout)?;
-    if spec.codec == crate::spec::GpuCodec::Float
+    if spec.codec.is_float()
         && spec.dtype == engine_core::KvDtype::Bf16
         && gpu.arch() == "compute_75"
     {

@@ -13,73 +13,232 @@ const STORE: &str = include_str!("cuda/store.cu");
 const DECODE: &str = include_str!("cuda/decode.cu");
 const MODEL: &str = include_str!("cuda/model.cu");
 
-/// The built-in codecs that have GPU kernels. The names are what a codec reports through
-/// [`KvCodec::gpu_kernel`].
+/// How one side (K or V) of a cache entry is stored, as the kernels read and write it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum GpuCodec {
-    /// Policy 0: values in the model dtype.
+pub enum SideKernel {
+    /// Values in the model dtype (policy 0).
     Float,
-    /// Policy 8, PyTorch-engine semantics.
+    /// PyTorch-engine affine int8 (scale, zero point per token and head).
     PtInt8,
-    /// Policy 4, PyTorch-engine semantics (half-split nibbles).
+    /// PyTorch-engine affine int4, half-split nibbles.
     PtInt4,
-    /// Policy 8, TurboMind semantics.
+    /// TurboMind int8 (scale, min; arithmetic rounded to the model dtype).
     TmInt8,
-    /// Policy 4, TurboMind semantics (8-element interleaved nibbles).
+    /// TurboMind int4, 8-element interleaved nibbles.
     TmInt4,
-    /// Policy 42, TurboQuant (Hadamard domain, K 3-bit + sign, V 2-bit).
-    TurboQuant,
+    /// TurboQuant's K: 3-bit Lloyd–Max index + residual sign (Hadamard domain). K only.
+    Tq3s,
+    /// 2-bit Lloyd–Max index and the vector's norm (policy 42's V; Hadamard domain). V only.
+    Lm2,
+    /// [`SideKernel::Lm2`] with the norm chosen so that ⟨x̂, x⟩ = ‖x‖² (same bytes to decode).
+    Lm2u,
 }
 
-impl GpuCodec {
-    pub const ALL: [GpuCodec; 6] = [
-        GpuCodec::Float,
-        GpuCodec::PtInt8,
-        GpuCodec::PtInt4,
-        GpuCodec::TmInt8,
-        GpuCodec::TmInt4,
-        GpuCodec::TurboQuant,
-    ];
-
-    /// The kernel family name a codec reports through [`KvCodec::gpu_kernel`].
-    pub fn kernel_name(self) -> &'static str {
+impl SideKernel {
+    /// Bits per element of the packed codes (metadata apart).
+    pub fn code_bits(self) -> usize {
         match self {
-            GpuCodec::Float => "float",
-            GpuCodec::PtInt8 => "pt_int8",
-            GpuCodec::PtInt4 => "pt_int4",
-            GpuCodec::TmInt8 => "tm_int8",
-            GpuCodec::TmInt4 => "tm_int4",
-            GpuCodec::TurboQuant => "turbo_quant",
+            SideKernel::Float => 16,
+            SideKernel::PtInt8 | SideKernel::TmInt8 => 8,
+            SideKernel::PtInt4 | SideKernel::TmInt4 | SideKernel::Tq3s => 4,
+            SideKernel::Lm2 | SideKernel::Lm2u => 2,
         }
     }
 
+    /// Bytes of metadata per token and head (f16/bf16 values), 0 for a float side.
+    pub fn meta_bytes(self) -> usize {
+        match self {
+            SideKernel::Float => 0,
+            SideKernel::Lm2 | SideKernel::Lm2u => 2,
+            _ => 4,
+        }
+    }
+
+    /// Lloyd–Max and TurboQuant sides live in the Hadamard domain by construction.
+    fn always_rotated(self) -> bool {
+        matches!(self, SideKernel::Tq3s | SideKernel::Lm2 | SideKernel::Lm2u)
+    }
+
+    /// `SIDE_*` in the CUDA sources.
+    fn id(self) -> u32 {
+        match self {
+            SideKernel::Float => 0,
+            SideKernel::PtInt8 => 1,
+            SideKernel::PtInt4 => 2,
+            SideKernel::TmInt8 => 3,
+            SideKernel::TmInt4 => 4,
+            SideKernel::Tq3s => 5,
+            SideKernel::Lm2 => 6,
+            SideKernel::Lm2u => 7,
+        }
+    }
+}
+
+/// One side's kernel: its storage and whether it is stored in the Hadamard domain (the query
+/// is then rotated for K, the output rotated back for V).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GpuSide {
+    pub kind: SideKernel,
+    pub rotated: bool,
+}
+
+impl GpuSide {
+    const NAMES: [(&'static str, SideKernel, bool); 10] = [
+        ("float", SideKernel::Float, false),
+        ("pt_int8", SideKernel::PtInt8, false),
+        ("pt_int8r", SideKernel::PtInt8, true),
+        ("pt_int4", SideKernel::PtInt4, false),
+        ("pt_int4r", SideKernel::PtInt4, true),
+        ("tm_int8", SideKernel::TmInt8, false),
+        ("tm_int4", SideKernel::TmInt4, false),
+        ("tq3s", SideKernel::Tq3s, true),
+        ("lm2", SideKernel::Lm2, true),
+        ("lm2u", SideKernel::Lm2u, true),
+    ];
+
+    pub const fn plain(kind: SideKernel) -> Self {
+        Self {
+            kind,
+            rotated: false,
+        }
+    }
+
+    /// The side's name in a kernel family name (`pt_int4r` = rotated PyTorch int4).
+    pub fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(_, k, r)| *k == self.kind && *r == (self.rotated || k.always_rotated()))
+            .map_or("?", |(n, _, _)| n)
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::NAMES
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .map(|&(_, kind, rotated)| Self { kind, rotated })
+    }
+}
+
+/// The kernels of a codec: its K side and its V side. Codecs name theirs through
+/// [`KvCodec::gpu_kernel`]: a built-in family (`pt_int8`, `turbo_quant`, …) or
+/// `k:<side>+v:<side>` with the side names of [`GpuSide`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GpuCodec {
+    pub k: GpuSide,
+    pub v: GpuSide,
+}
+
+impl GpuCodec {
+    const fn same(kind: SideKernel) -> Self {
+        Self {
+            k: GpuSide::plain(kind),
+            v: GpuSide::plain(kind),
+        }
+    }
+    /// Policy 0: values in the model dtype.
+    pub const FLOAT: Self = Self::same(SideKernel::Float);
+    /// Policy 8, PyTorch-engine semantics.
+    pub const PT_INT8: Self = Self::same(SideKernel::PtInt8);
+    /// Policy 4, PyTorch-engine semantics (half-split nibbles).
+    pub const PT_INT4: Self = Self::same(SideKernel::PtInt4);
+    /// Policy 8, TurboMind semantics.
+    pub const TM_INT8: Self = Self::same(SideKernel::TmInt8);
+    /// Policy 4, TurboMind semantics (8-element interleaved nibbles).
+    pub const TM_INT4: Self = Self::same(SideKernel::TmInt4);
+    /// Policy 42, TurboQuant (Hadamard domain, K 3-bit + sign, V 2-bit).
+    pub const TURBO_QUANT: Self = Self {
+        k: GpuSide {
+            kind: SideKernel::Tq3s,
+            rotated: true,
+        },
+        v: GpuSide {
+            kind: SideKernel::Lm2,
+            rotated: true,
+        },
+    };
+
+    /// The built-in policies' kernels, with their family names.
+    pub const BUILT_IN: [(&'static str, GpuCodec); 6] = [
+        ("float", Self::FLOAT),
+        ("pt_int8", Self::PT_INT8),
+        ("pt_int4", Self::PT_INT4),
+        ("tm_int8", Self::TM_INT8),
+        ("tm_int4", Self::TM_INT4),
+        ("turbo_quant", Self::TURBO_QUANT),
+    ];
+
+    /// The separate-side (`[cache] k/v/rotate`) combinations the compile check builds besides
+    /// the built-ins: the rotated integer sides and the 2-bit V under rotated int4 K.
+    pub const SIDE_EXAMPLES: [&'static str; 4] = [
+        "k:pt_int8r+v:pt_int8r",
+        "k:pt_int8r+v:pt_int4r",
+        "k:pt_int4r+v:pt_int4r",
+        "k:pt_int4r+v:lm2u",
+    ];
+
+    /// Every kernel family the compile check builds.
+    pub fn compile_set() -> Vec<GpuCodec> {
+        Self::BUILT_IN
+            .iter()
+            .map(|&(_, c)| c)
+            .chain(
+                Self::SIDE_EXAMPLES
+                    .iter()
+                    .filter_map(|n| Self::from_kernel_name(n)),
+            )
+            .collect()
+    }
+
+    /// The family name: a built-in's, else `k:<side>+v:<side>`.
+    pub fn kernel_name(self) -> String {
+        match Self::BUILT_IN.iter().find(|(_, c)| *c == self) {
+            Some((n, _)) => (*n).to_string(),
+            None => format!("k:{}+v:{}", self.k.name(), self.v.name()),
+        }
+    }
+
+    /// Parses a family name; `None` for a name, or a side on the wrong side (a TurboQuant K
+    /// as V, a 2-bit V as K), that no kernel implements.
     pub fn from_kernel_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|c| c.kernel_name() == name)
+        if let Some((_, c)) = Self::BUILT_IN.iter().find(|(n, _)| *n == name) {
+            return Some(*c);
+        }
+        let (k, v) = name.strip_prefix("k:")?.split_once("+v:")?;
+        let (k, v) = (GpuSide::from_name(k)?, GpuSide::from_name(v)?);
+        let k_ok = !matches!(k.kind, SideKernel::Lm2 | SideKernel::Lm2u);
+        let v_ok = v.kind != SideKernel::Tq3s;
+        (k_ok && v_ok).then_some(Self { k, v })
     }
 
     /// The GPU codec of `codec`, or an error that names it.
     pub fn of(codec: &dyn KvCodec) -> Result<Self, KernelError> {
         codec
             .gpu_kernel()
+            .as_deref()
             .and_then(Self::from_kernel_name)
             .ok_or_else(|| {
                 KernelError::Unsupported(format!(
-                    "codec \"{}\" has no GPU kernel (GPU codecs: none, int8, int4, turbo_quant)",
+                    "codec \"{}\" has no GPU kernel (GPU codecs: policies 0, 8, 4, 42, and [cache] \
+                     sides fp16, int8, int4 (rotated or not), K tq3s, V lm2/lm2u)",
                     codec.name()
                 ))
             })
     }
 
-    /// `KVQ_CODEC` in the CUDA sources.
-    fn id(self) -> u32 {
-        match self {
-            GpuCodec::Float => 0,
-            GpuCodec::PtInt8 => 1,
-            GpuCodec::PtInt4 => 2,
-            GpuCodec::TmInt8 => 3,
-            GpuCodec::TmInt4 => 4,
-            GpuCodec::TurboQuant => 5,
-        }
+    /// Both sides store values in the model dtype.
+    pub fn is_float(self) -> bool {
+        self.k.kind == SideKernel::Float && self.v.kind == SideKernel::Float
+    }
+
+    /// The `-D` macros that select the sides in the CUDA sources.
+    fn defines(self) -> [String; 4] {
+        let rot = |s: GpuSide| u32::from(s.rotated || s.kind.always_rotated());
+        [
+            format!("-DKVQ_KS={}", self.k.kind.id()),
+            format!("-DKVQ_VS={}", self.v.kind.id()),
+            format!("-DKVQ_KROT={}", rot(self.k)),
+            format!("-DKVQ_VROT={}", rot(self.v)),
+        ]
     }
 }
 
@@ -157,7 +316,7 @@ impl Specialization {
     /// The specialization the codec-independent model kernels (`KernelKind::Model`) are
     /// compiled and cached under.
     pub const MODEL: Specialization = Specialization {
-        codec: GpuCodec::Float,
+        codec: GpuCodec::FLOAT,
         dtype: KvDtype::F16,
         head_dim_k: 64,
         head_dim_v: 64,
@@ -179,7 +338,7 @@ impl Specialization {
             format!(
                 "{}_{}_{:?}_k{}_v{}_g{}",
                 kind.name(),
-                self.codec.kernel_name(),
+                self.codec.kernel_name().replace(':', "-").replace('+', "_"),
                 self.dtype,
                 self.head_dim_k,
                 self.head_dim_v,
@@ -188,13 +347,13 @@ impl Specialization {
             .to_lowercase(),
             format!("{COMMON}\n{}", kind.body()),
         );
-        src.options = vec![
-            format!("-DKVQ_CODEC={}", self.codec.id()),
+        src.options = self.codec.defines().to_vec();
+        src.options.extend([
             format!("-DKVQ_DTYPE={dtype}"),
             format!("-DKVQ_DK={}", self.head_dim_k),
             format!("-DKVQ_DV={}", self.head_dim_v),
             format!("-DKVQ_G={group}"),
-        ];
+        ]);
         if kind == KernelKind::Decode {
             let t = self.decode_tuning();
             src.options.push(format!("-DKVQ_CTAS={}", t.ctas_per_sm));
@@ -208,12 +367,17 @@ impl Specialization {
     /// step length that measured fastest on an H200 (kernels/README.md).
     pub fn decode_tuning(&self) -> DecodeTuning {
         let wide = self.head_dim_k >= 128;
-        let (ctas_per_sm, tiles_per_step) = match self.codec {
-            GpuCodec::Float => (2, if wide { 1 } else { 2 }),
-            GpuCodec::PtInt8 | GpuCodec::TmInt8 => (if wide { 2 } else { 3 }, 2),
-            GpuCodec::PtInt4 | GpuCodec::TmInt4 | GpuCodec::TurboQuant => {
-                (4, if wide { 1 } else { 2 })
-            }
+        // The widest side sets the register budget.
+        let bits = self
+            .codec
+            .k
+            .kind
+            .code_bits()
+            .max(self.codec.v.kind.code_bits());
+        let (ctas_per_sm, tiles_per_step) = match bits {
+            16 => (2, if wide { 1 } else { 2 }),
+            8 => (if wide { 2 } else { 3 }, 2),
+            _ => (4, if wide { 1 } else { 2 }),
         };
         DecodeTuning {
             ctas_per_sm,
@@ -260,17 +424,27 @@ impl Specialization {
             ));
         }
         let (dk, dv) = (self.head_dim_k, self.head_dim_v);
-        let ok = match self.codec {
-            GpuCodec::Float | GpuCodec::PtInt8 | GpuCodec::TmInt8 => true,
-            GpuCodec::PtInt4 => dk % 2 == 0 && dv % 2 == 0,
-            GpuCodec::TmInt4 => dk % 8 == 0 && dv % 8 == 0,
-            GpuCodec::TurboQuant => {
-                dk.is_power_of_two() && dv.is_power_of_two() && dk >= 4 && dv >= 4
+        let fits = |side: GpuSide, d: usize| match side.kind {
+            SideKernel::Float | SideKernel::PtInt8 | SideKernel::TmInt8 => {
+                !side.rotated || d.is_power_of_two()
             }
+            SideKernel::PtInt4 => d % 2 == 0 && (!side.rotated || d.is_power_of_two()),
+            SideKernel::TmInt4 => d % 8 == 0,
+            SideKernel::Tq3s | SideKernel::Lm2 | SideKernel::Lm2u => d.is_power_of_two() && d >= 4,
         };
+        let ok = fits(self.codec.k, dk) && fits(self.codec.v, dv);
         if !ok {
             return Err(KernelError::Unsupported(format!(
                 "head dims {dk}/{dv} do not fit codec {}",
+                self.codec.kernel_name()
+            )));
+        }
+        let float_side =
+            self.codec.k.kind == SideKernel::Float || self.codec.v.kind == SideKernel::Float;
+        if self.dtype == KvDtype::Bf16 && float_side && !self.codec.is_float() {
+            return Err(KernelError::Unsupported(format!(
+                "codec {} in bf16: a bf16 fp16-side next to a quantized side has no kernel \
+                 (the products take one operand type); use float16, or quantize both sides",
                 self.codec.kernel_name()
             )));
         }
@@ -342,20 +516,10 @@ pub fn check_decode_layout(spec: &Specialization, layout: &CacheLayout) -> Resul
             layout.layer_bytes
         )));
     }
-    let (kbits, vbits) = match spec.codec {
-        GpuCodec::Float => (16, 16),
-        GpuCodec::PtInt8 | GpuCodec::TmInt8 => (8, 8),
-        GpuCodec::PtInt4 | GpuCodec::TmInt4 => (4, 4),
-        GpuCodec::TurboQuant => (4, 2),
-    };
-    let kp = (spec.head_dim_k * kbits / 32).min(16);
-    let vp = (spec.head_dim_v * vbits / 64).min(16);
-    let meta = if spec.codec == GpuCodec::Float { 1 } else { 4 };
-    let vmeta = if spec.codec == GpuCodec::TurboQuant {
-        2
-    } else {
-        meta
-    };
+    let (k, v) = (spec.codec.k.kind, spec.codec.v.kind);
+    let kp = (spec.head_dim_k * k.code_bits() / 32).min(16);
+    let vp = (spec.head_dim_v * v.code_bits() / 64).min(16);
+    let (meta, vmeta) = (k.meta_bytes().max(1), v.meta_bytes().max(1));
     let checks = [
         ("K data", &layout.k_data, kp),
         ("V data", &layout.v_data, vp),
@@ -379,7 +543,7 @@ pub fn check_decode_layout(spec: &Specialization, layout: &CacheLayout) -> Resul
 /// head dim 128, and at SmolLM2's shape (64, group 3) in f16.
 pub fn compile_check_set() -> Vec<Specialization> {
     let mut v = Vec::new();
-    for codec in GpuCodec::ALL {
+    for codec in GpuCodec::compile_set() {
         for dtype in [KvDtype::F16, KvDtype::Bf16] {
             v.push(Specialization {
                 codec,
@@ -439,10 +603,27 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for c in GpuCodec::ALL {
-            assert_eq!(GpuCodec::from_kernel_name(c.kernel_name()), Some(c));
+        for c in GpuCodec::compile_set() {
+            assert_eq!(GpuCodec::from_kernel_name(&c.kernel_name()), Some(c));
         }
-        assert_eq!(GpuCodec::from_kernel_name("fp8"), None);
+        assert_eq!(GpuCodec::compile_set().len(), 10);
+        assert_eq!(
+            GpuCodec::from_kernel_name("k:tq3s+v:lm2"),
+            Some(GpuCodec::TURBO_QUANT)
+        );
+        assert_eq!(GpuCodec::TURBO_QUANT.kernel_name(), "turbo_quant");
+        let mixed = GpuCodec::from_kernel_name("k:pt_int8r+v:pt_int4r").unwrap();
+        assert!(mixed.k.rotated && mixed.v.rotated);
+        assert_eq!(mixed.v.kind, SideKernel::PtInt4);
+        for bad in [
+            "fp8",
+            "k:lm2+v:lm2",
+            "k:pt_int4+v:tq3s",
+            "k:pt_int4",
+            "k:int4+v:int4",
+        ] {
+            assert_eq!(GpuCodec::from_kernel_name(bad), None, "{bad}");
+        }
     }
 
     #[test]
@@ -466,10 +647,10 @@ mod tests {
             head_dim_v: dk,
             group: g,
         };
-        assert!(spec(GpuCodec::PtInt4, 128, 4).check_decode().is_ok());
-        assert!(spec(GpuCodec::PtInt4, 96, 4).check_decode().is_err());
-        assert!(spec(GpuCodec::Float, 128, 9).check_decode().is_err());
-        let mut f32 = spec(GpuCodec::Float, 64, 1);
+        assert!(spec(GpuCodec::PT_INT4, 128, 4).check_decode().is_ok());
+        assert!(spec(GpuCodec::PT_INT4, 96, 4).check_decode().is_err());
+        assert!(spec(GpuCodec::FLOAT, 128, 9).check_decode().is_err());
+        let mut f32 = spec(GpuCodec::FLOAT, 64, 1);
         f32.dtype = KvDtype::F32;
         assert!(matches!(
             f32.check_store(),
@@ -479,7 +660,7 @@ mod tests {
 
     #[test]
     fn decode_source_carries_its_tuning() {
-        for codec in GpuCodec::ALL {
+        for codec in GpuCodec::compile_set() {
             for dk in DECODE_HEAD_DIMS {
                 let spec = Specialization {
                     codec,

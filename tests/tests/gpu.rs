@@ -25,6 +25,7 @@ use kernels::cache::GpuCache;
 use kernels::cudarc::driver::{CudaSlice, DeviceRepr};
 use kernels::decode::{decode_attention, DecodeBatch, DecodeWorkspace};
 use kernels::device::GpuContext;
+use kernels::spec::SideKernel;
 use kernels::GpuCodec;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -55,16 +56,16 @@ fn case(
     kv_heads: usize,
     block_size: usize,
 ) -> Case {
-    use backend_pytorchlike::codecs as pt;
-    let codec: Arc<dyn KvCodec> = match kind {
-        GpuCodec::Float => Arc::new(float_codec(d, d, dtype)),
-        GpuCodec::PtInt8 => Arc::new(pt::int8_codec(d, d, dtype)),
-        GpuCodec::PtInt4 => Arc::new(pt::int4_codec(d, d, dtype)),
-        GpuCodec::TurboQuant => Arc::new(pt::turbo_quant_codec(d, d, dtype)),
-        GpuCodec::TmInt8 => Arc::new(backend_turbomind::int8_codec(d, d, dtype)),
-        GpuCodec::TmInt4 => Arc::new(backend_turbomind::int4_codec(d, d, dtype)),
-    };
-    let tm = tm_layout || matches!(kind, GpuCodec::TmInt8 | GpuCodec::TmInt4);
+    let codec = codec_of(kind, d, dtype);
+    assert_eq!(
+        codec
+            .gpu_kernel()
+            .and_then(|n| GpuCodec::from_kernel_name(&n)),
+        Some(kind),
+        "{} names its GPU kernel",
+        codec.name()
+    );
+    let tm = tm_layout || matches!(kind, GpuCodec::TM_INT8 | GpuCodec::TM_INT4);
     let layout = if tm {
         TurbomindBackend.cache_layout(codec.as_ref(), layers, kv_heads, block_size)
     } else {
@@ -74,7 +75,7 @@ fn case(
         label: format!(
             "{}{} {:?} D={d} H={kv_heads} B={block_size}",
             kind.kernel_name(),
-            if tm_layout && kind == GpuCodec::Float {
+            if tm_layout && kind == GpuCodec::FLOAT {
                 " (turbomind layout)"
             } else {
                 ""
@@ -88,13 +89,46 @@ fn case(
     }
 }
 
-/// Every codec at one shape: the six GPU codecs, plus policy 0 in TurboMind's layout.
+/// The codec with GPU kernel `kind`: a built-in policy's, or a `[cache]` sides codec.
+fn codec_of(kind: GpuCodec, d: usize, dtype: KvDtype) -> Arc<dyn KvCodec> {
+    use backend_pytorchlike::codecs as pt;
+    use engine_core::config::{CacheSection, SideKind};
+    match kind {
+        GpuCodec::FLOAT => Arc::new(float_codec(d, d, dtype)),
+        GpuCodec::PT_INT8 => Arc::new(pt::int8_codec(d, d, dtype)),
+        GpuCodec::PT_INT4 => Arc::new(pt::int4_codec(d, d, dtype)),
+        GpuCodec::TURBO_QUANT => Arc::new(pt::turbo_quant_codec(d, d, dtype)),
+        GpuCodec::TM_INT8 => Arc::new(backend_turbomind::int8_codec(d, d, dtype)),
+        GpuCodec::TM_INT4 => Arc::new(backend_turbomind::int4_codec(d, d, dtype)),
+        _ => {
+            let side = |k: SideKernel| match k {
+                SideKernel::Float => SideKind::Fp16,
+                SideKernel::PtInt8 => SideKind::Int8,
+                SideKernel::PtInt4 => SideKind::Int4,
+                SideKernel::Tq3s => SideKind::Tq3s,
+                SideKernel::Lm2 => SideKind::Lm2,
+                SideKernel::Lm2u => SideKind::Lm2u,
+                other => panic!("no [cache] side for {other:?}"),
+            };
+            let section = CacheSection {
+                k: side(kind.k.kind),
+                v: side(kind.v.kind),
+                rotate: kind.k.rotated || kind.v.rotated,
+                edge: None,
+            };
+            Arc::new(pt::sides_codec(&section, d, d, dtype))
+        }
+    }
+}
+
+/// Every codec at one shape: the built-in policies' and the `[cache]` side combinations the
+/// compile check builds, plus policy 0 in TurboMind's layout.
 fn all_cases(d: usize, dtype: KvDtype, layers: usize, kv_heads: usize, bs: usize) -> Vec<Case> {
-    let mut v: Vec<Case> = GpuCodec::ALL
+    let mut v: Vec<Case> = GpuCodec::compile_set()
         .into_iter()
         .map(|k| case(k, false, d, dtype, layers, kv_heads, bs))
         .collect();
-    v.push(case(GpuCodec::Float, true, d, dtype, layers, kv_heads, bs));
+    v.push(case(GpuCodec::FLOAT, true, d, dtype, layers, kv_heads, bs));
     v
 }
 
@@ -124,27 +158,24 @@ fn kv_rows(r: &mut StdRng, rows: usize, d: usize) -> Vec<f32> {
     x
 }
 
-/// Elements of one packed row, as codes (policy 0: the raw 16-bit values).
-fn codes(kind: GpuCodec, v_side: bool, d: usize, bytes: &[u8]) -> Vec<u32> {
+/// Elements of one packed row of side `kind`, as codes (a float side: the raw 16-bit values).
+fn codes(kind: SideKernel, d: usize, bytes: &[u8]) -> Vec<u32> {
     match kind {
-        GpuCodec::Float => bytes
+        SideKernel::Float => bytes
             .chunks_exact(2)
             .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
             .collect(),
-        GpuCodec::PtInt8 | GpuCodec::TmInt8 => bytes.iter().map(|&b| b as u32).collect(),
-        GpuCodec::PtInt4 => (0..d)
+        SideKernel::PtInt8 | SideKernel::TmInt8 => bytes.iter().map(|&b| b as u32).collect(),
+        SideKernel::PtInt4 | SideKernel::Tq3s => (0..d)
             .map(|i| nibble_half_split(bytes, d, i) as u32)
             .collect(),
-        GpuCodec::TmInt4 => bytes
+        SideKernel::TmInt4 => bytes
             .chunks_exact(4)
             .flat_map(|w| unpack_group([w[0], w[1], w[2], w[3]]))
             .map(u32::from)
             .collect(),
-        GpuCodec::TurboQuant if v_side => (0..d)
+        SideKernel::Lm2 | SideKernel::Lm2u => (0..d)
             .map(|i| crumb_quarter_split(bytes, d, i) as u32)
-            .collect(),
-        GpuCodec::TurboQuant => (0..d)
-            .map(|i| nibble_half_split(bytes, d, i) as u32)
             .collect(),
     }
 }
@@ -175,19 +206,17 @@ fn compare_entry(
     } else {
         c.codec.head_dim_k()
     };
-    let (a, b) = (
-        codes(c.kind, v_side, d, cpu_data),
-        codes(c.kind, v_side, d, gpu_data),
-    );
+    let side = if v_side { c.kind.v.kind } else { c.kind.k.kind };
+    let (a, b) = (codes(side, d, cpu_data), codes(side, d, gpu_data));
     for (i, (&x, &y)) in a.iter().zip(&b).enumerate() {
         st.elements += 1;
         if x == y {
             st.exact += 1;
             continue;
         }
-        let ok = match c.kind {
-            GpuCodec::Float => false,
-            GpuCodec::TurboQuant if !v_side => {
+        let ok = match side {
+            SideKernel::Float => false,
+            SideKernel::Tq3s => {
                 // index within one step; a lone sign flip means a residual within rounding of 0
                 let (ix, iy) = ((x & 7) as i32, (y & 7) as i32);
                 if ix == iy {
@@ -649,7 +678,7 @@ fn assert_no_failures(failures: Vec<String>) {
 /// Unit roundoff of the kernel's tensor-core operands: f16 (2^-11), bf16 for a bf16 policy-0
 /// cache (2^-8).
 fn tolerance(c: &Case) -> f64 {
-    if c.kind == GpuCodec::Float && c.dtype == KvDtype::Bf16 {
+    if c.kind == GpuCodec::FLOAT && c.dtype == KvDtype::Bf16 {
         2f64.powi(-8)
     } else {
         2f64.powi(-11)
@@ -666,18 +695,20 @@ fn decode_matches_the_cpu_reference() {
         for c in all_cases(d, KvDtype::F16, 2, kvh, 64) {
             failures.extend(run_decode_case(&g, &c, heads, &ctx, tolerance(&c)).1);
         }
-        for kind in [GpuCodec::Float, GpuCodec::PtInt8, GpuCodec::TurboQuant] {
+        for kind in [GpuCodec::FLOAT, GpuCodec::PT_INT8, GpuCodec::TURBO_QUANT] {
             let c = case(kind, false, d, KvDtype::Bf16, 2, kvh, 64);
             failures.extend(run_decode_case(&g, &c, heads, &ctx, tolerance(&c)).1);
         }
     }
     // Other GQA groups (1, 2, 8) and a block size of 16.
     for (heads, kvh) in [(4, 4), (8, 4), (16, 2)] {
+        let int4r_lm2u = GpuCodec::from_kernel_name("k:pt_int4r+v:lm2u").expect("a GPU codec");
         for kind in [
-            GpuCodec::Float,
-            GpuCodec::PtInt4,
-            GpuCodec::TmInt4,
-            GpuCodec::TurboQuant,
+            GpuCodec::FLOAT,
+            GpuCodec::PT_INT4,
+            GpuCodec::TM_INT4,
+            GpuCodec::TURBO_QUANT,
+            int4r_lm2u,
         ] {
             let c = case(kind, false, 128, KvDtype::F16, 1, kvh, 16);
             failures.extend(run_decode_case(&g, &c, heads, &[5, 33, 250], tolerance(&c)).1);

@@ -46,7 +46,7 @@ pub fn int8_codec(head_dim_k: usize, head_dim_v: usize, dtype: KvDtype) -> KvPai
     let mut c = pair("int8", 8, head_dim_k, head_dim_v, |d| {
         Int8Side::new(d, dtype)
     });
-    c.gpu_kernel = Some("pt_int8");
+    c.gpu_kernel = Some("pt_int8".into());
     c
 }
 
@@ -58,6 +58,6 @@ pub fn int4_codec(head_dim_k: usize, head_dim_v: usize, dtype: KvDtype) -> KvPai
     let mut c = pair("int4", 4, head_dim_k, head_dim_v, |d| {
         Int4Side::new(d, dtype)
     });
-    c.gpu_kernel = Some("pt_int4");
+    c.gpu_kernel = Some("pt_int4".into());
     c
 }

@@ -35,17 +35,41 @@ pub fn build_side(kind: SideKind, rotate: bool, dim: usize, dtype: KvDtype) -> A
     }
 }
 
-/// The codec of a `[cache]` section, named e.g. `k:int4r+v:lm3`. It has no GPU kernel.
+/// The GPU kernel side of `kind` on the K side (`is_k`) or the V side, if one exists: the
+/// fp16 and integer sides (rotated or not), TurboQuant's 3-bit + sign K and the 2-bit V.
+fn gpu_side(kind: SideKind, rotate: bool, is_k: bool) -> Option<&'static str> {
+    Some(match (kind, rotate, is_k) {
+        (SideKind::Fp16, _, _) => "float",
+        (SideKind::Int8, false, _) => "pt_int8",
+        (SideKind::Int8, true, _) => "pt_int8r",
+        (SideKind::Int4, false, _) => "pt_int4",
+        (SideKind::Int4, true, _) => "pt_int4r",
+        (SideKind::Tq3s, _, true) => "tq3s",
+        (SideKind::Lm2, _, false) => "lm2",
+        (SideKind::Lm2u, _, false) => "lm2u",
+        _ => return None,
+    })
+}
+
+/// The codec of a `[cache]` section, named e.g. `k:int4r+v:lm3`. It has a GPU kernel
+/// (`k:<side>+v:<side>`) when both of its sides have one.
 pub fn sides_codec(
     c: &CacheSection,
     head_dim_k: usize,
     head_dim_v: usize,
     dtype: KvDtype,
 ) -> KvPair {
-    KvPair::new(
+    let mut pair = KvPair::new(
         &c.main_section().codec_name(),
         None,
         build_side(c.k, c.rotate, head_dim_k, dtype),
         build_side(c.v, c.rotate, head_dim_v, dtype),
-    )
+    );
+    if let (Some(k), Some(v)) = (
+        gpu_side(c.k, c.rotate, true),
+        gpu_side(c.v, c.rotate, false),
+    ) {
+        pair.gpu_kernel = Some(format!("k:{k}+v:{v}"));
+    }
+    pair
 }

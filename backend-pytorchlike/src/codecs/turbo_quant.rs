@@ -336,7 +336,7 @@ pub fn turbo_quant_codec(head_dim_k: usize, head_dim_v: usize, dtype: KvDtype) -
         dtype,
     };
     let mut c = KvPair::new("turbo_quant", Some(42), Arc::new(k), Arc::new(v));
-    c.gpu_kernel = Some("turbo_quant");
+    c.gpu_kernel = Some("turbo_quant".into());
     c
 }
 

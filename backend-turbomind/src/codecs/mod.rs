@@ -19,7 +19,7 @@ pub fn int8_codec(head_dim_k: usize, head_dim_v: usize, dtype: KvDtype) -> KvPai
     let mut c = pair("int8", 8, head_dim_k, head_dim_v, |d| {
         Arc::new(TmInt8Side::new(d, dtype))
     });
-    c.gpu_kernel = Some("tm_int8");
+    c.gpu_kernel = Some("tm_int8".into());
     c
 }
 
@@ -31,7 +31,7 @@ pub fn int4_codec(head_dim_k: usize, head_dim_v: usize, dtype: KvDtype) -> KvPai
     let mut c = pair("int4", 4, head_dim_k, head_dim_v, |d| {
         Arc::new(TmInt4Side::new(d, dtype))
     });
-    c.gpu_kernel = Some("tm_int4");
+    c.gpu_kernel = Some("tm_int4".into());
     c
 }
 

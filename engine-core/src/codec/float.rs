@@ -71,7 +71,7 @@ pub fn float_codec(head_dim_k: usize, head_dim_v: usize, dtype: KvDtype) -> supe
             dtype,
         }),
     );
-    c.gpu_kernel = Some("float");
+    c.gpu_kernel = Some("float".into());
     c
 }
 

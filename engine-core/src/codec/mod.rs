@@ -125,7 +125,10 @@ pub trait KvCodec: Send + Sync + std::fmt::Debug {
 
     /// Name of the GPU kernel family that implements this codec, if any. A codec without one
     /// runs on the CPU only, and backends refuse `device = "cuda"` for it at validation time.
-    fn gpu_kernel(&self) -> Option<&'static str> {
+    ///
+    /// A built-in family (`pt_int8`, `turbo_quant`, …) or `k:<side>+v:<side>` (the `kernels`
+    /// crate's `GpuCodec` parses both).
+    fn gpu_kernel(&self) -> Option<String> {
         None
     }
 

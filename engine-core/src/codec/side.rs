@@ -52,7 +52,7 @@ pub struct KvPair {
     pub k: Arc<dyn SideCodec>,
     pub v: Arc<dyn SideCodec>,
     /// GPU kernel family, when one exists.
-    pub gpu_kernel: Option<&'static str>,
+    pub gpu_kernel: Option<String>,
 }
 
 impl KvPair {
@@ -126,8 +126,8 @@ impl KvCodec for KvPair {
     fn accumulate_v(&self, p: f32, data: &[u8], meta: &[u8], out: &mut [f32]) {
         self.v.axpy(p, data, meta, out)
     }
-    fn gpu_kernel(&self) -> Option<&'static str> {
-        self.gpu_kernel
+    fn gpu_kernel(&self) -> Option<String> {
+        self.gpu_kernel.clone()
     }
 }
 

@@ -2,8 +2,9 @@
 // conversions are PTX or bit arithmetic, so nothing needs cuda_fp16.h.
 //
 // Specialisation macros, set by the launcher with -D:
-//   KVQ_CODEC  0 float (policy 0), 1 PyTorch-engine int8, 2 PyTorch-engine int4,
-//              3 TurboMind int8, 4 TurboMind int4, 5 TurboQuant (policy 42)
+//   KVQ_KS, KVQ_VS  how the K and the V side are stored (SIDE_* below)
+//   KVQ_KROT, KVQ_VROT  1 when that side lives in the Hadamard domain (the query is rotated
+//              for K, the output rotated back for V; a rotated int side is encoded after it)
 //   KVQ_DTYPE  0 f16, 1 bf16 (the cache's and metadata's model dtype)
 //   KVQ_DK, KVQ_DV  head dims of K and V
 
@@ -13,16 +14,33 @@ typedef unsigned int u32;
 typedef long long i64;
 typedef unsigned long long u64;
 
-#define CODEC_FLOAT 0
-#define CODEC_PT_INT8 1
-#define CODEC_PT_INT4 2
-#define CODEC_TM_INT8 3
-#define CODEC_TM_INT4 4
-#define CODEC_TQ 5
+#define SIDE_FLOAT 0  // the model dtype (policy 0)
+#define SIDE_PT8 1    // PyTorch-engine int8: (scale, zero)
+#define SIDE_PT4 2    // PyTorch-engine int4, half-split nibbles
+#define SIDE_TM8 3    // TurboMind int8: (scale, min)
+#define SIDE_TM4 4    // TurboMind int4, interleaved nibbles
+#define SIDE_TQ3S 5   // TurboQuant K: 3-bit Lloyd-Max + residual sign, (norm, residual norm)
+#define SIDE_LM2 6    // 2-bit Lloyd-Max, norm (policy 42's V)
+#define SIDE_LM2U 7   // 2-bit Lloyd-Max, norm with <x^, x> = |x|^2 (decodes as SIDE_LM2)
 
-#ifndef KVQ_CODEC
-#define KVQ_CODEC 0
+#ifndef KVQ_KS
+#define KVQ_KS SIDE_FLOAT
 #endif
+#ifndef KVQ_VS
+#define KVQ_VS SIDE_FLOAT
+#endif
+#ifndef KVQ_KROT
+#define KVQ_KROT 0
+#endif
+#ifndef KVQ_VROT
+#define KVQ_VROT 0
+#endif
+#define IS_PT(s) ((s) == SIDE_PT8 || (s) == SIDE_PT4)
+#define IS_TM(s) ((s) == SIDE_TM8 || (s) == SIDE_TM4)
+#define IS_INT8(s) ((s) == SIDE_PT8 || (s) == SIDE_TM8)
+#define IS_INT4(s) ((s) == SIDE_PT4 || (s) == SIDE_TM4)
+#define IS_LM2(s) ((s) == SIDE_LM2 || (s) == SIDE_LM2U)
+
 #ifndef KVQ_DTYPE
 #define KVQ_DTYPE 0
 #endif

@@ -3,8 +3,9 @@
 //                     the split's range straight from the packed blocks, dequantize in
 //                     registers and run both products on the tensor cores (mma.sync), for every
 //                     query head of the GQA group at once, with an online softmax;
-//   kvq_decode_reduce merges the splits, normalizes and, for TurboQuant, rotates the output
-//                     back to the model domain.
+//   kvq_decode_reduce merges the splits, normalizes and, for a Hadamard-domain V side (TurboQuant,
+//                     Lloyd-Max, rotated int), rotates the output back to the model domain.
+// The K and V sides are compiled separately (KVQ_KS, KVQ_VS): any K side pairs with any V side.
 //
 // Precision: as in every production decode kernel, the tensor-core operands are single f16
 // values (bf16 for a bf16 policy-0 cache) and the products accumulate in f32. Quantized codes
@@ -13,7 +14,7 @@
 // are f16 constants. Per-token scales and zero points are applied in f32 outside the products:
 //   PyTorch int:  q.k = scale (q.c - zero sum(q))      p.v = sum(p scale c) - sum(p scale zero)
 //   TurboMind:    q.k = scale q.c + min sum(q)          p.v = sum(p scale c) + sum(p min)
-//   TurboQuant:   q.k = n (sigma q.C3[i] + g q.sign)     p.v = sigma sum(p n C2[i])
+//   TurboQuant:   q.k = n (sigma q.C3[i] + g q.sign)     p.v = sigma sum(p n C2[i])   (2-bit V)
 // The online softmax runs relative to the running maximum of score + log2 |V scale| (not of the
 // score alone), so the V weights p * scale that enter the f16 products are at most 1 whatever
 // the scales' range; the probabilities and the normaliser stay in f32.
@@ -32,22 +33,28 @@
 #endif
 #define DEC_WARPS 4
 
-#if KVQ_CODEC == CODEC_FLOAT
+// Code bits per element of each side; PPW = K slot pairs per 32-bit word.
+#if KVQ_KS == SIDE_FLOAT
 #define KBITS 16
-#define VBITS 16
 #define PPW 1
-#elif KVQ_CODEC == CODEC_PT_INT8 || KVQ_CODEC == CODEC_TM_INT8
+#elif IS_INT8(KVQ_KS)
 #define KBITS 8
-#define VBITS 8
 #define PPW 2
-#elif KVQ_CODEC == CODEC_PT_INT4 || KVQ_CODEC == CODEC_TM_INT4
-#define KBITS 4
-#define VBITS 4
-#define PPW 4
 #else
 #define KBITS 4
-#define VBITS 2
 #define PPW 4
+#endif
+#if KVQ_VS == SIDE_FLOAT
+#define VBITS 16
+#elif IS_INT8(KVQ_VS)
+#define VBITS 8
+#elif IS_INT4(KVQ_VS)
+#define VBITS 4
+#else
+#define VBITS 2
+#endif
+#if (KVQ_KS == SIDE_LM2 || KVQ_KS == SIDE_LM2U || KVQ_VS == SIDE_TQ3S)
+#error "no decode kernel for a 2-bit Lloyd-Max K or a TurboQuant V side"
 #endif
 
 // Tiles per loop step (KVQ_TPI, 16 tokens each) and resident CTAs per multiprocessor
@@ -69,8 +76,10 @@
 #define KT (KVQ_DK / 16)  // k-tiles of the K product
 #define MT (KVQ_DV / 16)  // m-tiles of the V product
 
-#if KVQ_CODEC == CODEC_FLOAT && KVQ_DTYPE == 1
+#if KVQ_KS == SIDE_FLOAT && KVQ_VS == SIDE_FLOAT && KVQ_DTYPE == 1
 #define MMA_BF16 1
+#elif (KVQ_KS == SIDE_FLOAT || KVQ_VS == SIDE_FLOAT) && KVQ_DTYPE == 1
+#error "a bf16 float side next to a quantized side: the products take one operand type"
 #else
 #define MMA_BF16 0
 #endif
@@ -134,7 +143,7 @@ __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a
 // V side: integer codes enter the products centred, c - CODE_OFF (exact in f16): the output
 // accumulates over a whole split, and a large common offset there would cost precision when the
 // zero point cancels it afterwards. Conversions use the f16 bit pattern 0x6400 | c = 1024 + c.
-#if KBITS == 8
+#if VBITS == 8
 #define CODE_OFF 128
 #else
 #define CODE_OFF 8
@@ -204,15 +213,15 @@ __device__ __forceinline__ int v_word_off(int g, int wi) {
 // Head dims (d0, d1) of the lane's K pair `p` (pair = two k-slots of one A register).
 __device__ __forceinline__ void k_pair_dims(int tig, int p, int& d0, int& d1) {
     const int wi = p / PPW, j = p % PPW, off = k_word_off(tig, wi);
-#if KVQ_CODEC == CODEC_FLOAT
+#if KVQ_KS == SIDE_FLOAT
     d0 = off / 2; d1 = d0 + 1;
     (void)j;
-#elif KVQ_CODEC == CODEC_PT_INT8 || KVQ_CODEC == CODEC_TM_INT8
+#elif IS_INT8(KVQ_KS)
     d0 = off + j; d1 = d0 + 2;
-#elif KVQ_CODEC == CODEC_PT_INT4
+#elif KVQ_KS == SIDE_PT4
     const int b = off + (j >> 1);
     d0 = b + ((j & 1) ? KVQ_DK / 2 : 0); d1 = d0 + 2;
-#elif KVQ_CODEC == CODEC_TM_INT4
+#elif KVQ_KS == SIDE_TM4
     d0 = 2 * off + 2 * j; d1 = d0 + 1;
 #else
     d0 = off + j; d1 = d0 + KVQ_DK / 2;
@@ -222,14 +231,14 @@ __device__ __forceinline__ void k_pair_dims(int tig, int p, int& d0, int& d1) {
 // Head dim of row `m` (0 .. DV/8) of the lane's V rows: m-tile m/2, row g (m even) or g+8 (odd).
 __device__ __forceinline__ int v_row_dim(int g, int m) {
     const int mt = m >> 1, r = m & 1;
-#if KVQ_CODEC == CODEC_FLOAT
+#if KVQ_VS == SIDE_FLOAT
     return v_word_off(g, mt) / 2 + r;
-#elif KVQ_CODEC == CODEC_PT_INT8 || KVQ_CODEC == CODEC_TM_INT8
+#elif IS_INT8(KVQ_VS)
     return v_word_off(g, mt >> 1) + 2 * (mt & 1) + r;
-#elif KVQ_CODEC == CODEC_PT_INT4
+#elif KVQ_VS == SIDE_PT4
     const int sub = mt & 3;
     return v_word_off(g, mt >> 2) + ((sub & 2) ? 2 : 0) + (sub & 1) + r * (KVQ_DV / 2);
-#elif KVQ_CODEC == CODEC_TM_INT4
+#elif KVQ_VS == SIDE_TM4
     const int sub = mt & 3;
     return 2 * v_word_off(g, mt >> 2) + ((sub & 1) ? 4 : 0) + ((sub & 2) ? 1 : 0) + 2 * r;
 #else
@@ -242,12 +251,12 @@ __device__ __forceinline__ int v_row_dim(int g, int m) {
 __device__ __forceinline__ u32 k_a(const u32* w, int p) {
     const int wi = p / PPW, j = p % PPW;
     const u32 x = w[wi];
-#if KVQ_CODEC == CODEC_FLOAT
+#if KVQ_KS == SIDE_FLOAT
     (void)j;
     return x;
-#elif KVQ_CODEC == CODEC_PT_INT8 || KVQ_CODEC == CODEC_TM_INT8
+#elif IS_INT8(KVQ_KS)
     return __byte_perm(x, 0x64646464u, j ? 0x4341u : 0x4240u);  // j: 0 -> (e0, e2), 1 -> (e1, e3)
-#elif KVQ_CODEC == CODEC_PT_INT4 || KVQ_CODEC == CODEC_TM_INT4
+#elif IS_INT4(KVQ_KS)
     // nibbles (j, j+4) of the word: PyTorch j = 0 (b0.lo, b2.lo), 1 (b0.hi, b2.hi), 2 (b1.lo,
     // b3.lo), 3 (b1.hi, b3.hi); TurboMind slots (j, j+4) = elements (2j, 2j+1)
     const u32 y = (j & 2) ? (x >> 8) : x;
@@ -261,7 +270,7 @@ __device__ __forceinline__ u32 k_a(const u32* w, int p) {
 // Query scaling and offset of K pair p's slots: high-nibble pairs (odd p of a 4-bit codec) hold
 // 1024 + 16 c, so their query is q / 16 and their offset 64 q.
 __device__ __forceinline__ bool k_pair_hi(int p) {
-#if KVQ_CODEC == CODEC_PT_INT4 || KVQ_CODEC == CODEC_TM_INT4
+#if IS_INT4(KVQ_KS)
     return (p & 1) != 0;
 #else
     (void)p;
@@ -269,7 +278,7 @@ __device__ __forceinline__ bool k_pair_hi(int p) {
 #endif
 }
 
-#if KVQ_CODEC == CODEC_TQ
+#if KVQ_KS == SIDE_TQ3S
 // 8-entry f16 table as byte planes: lo[0], lo[1] = low bytes of entries 0-3, 4-7; hi likewise.
 struct Lut8 {
     u32 lo0, lo1, hi0, hi1;
@@ -292,6 +301,8 @@ __device__ __forceinline__ void tq_k_word(u32 x, const Lut8& L, u32* c, u32* s) 
         s[j] = (v & 0x80008000u) ^ 0xBC00BC00u;
     }
 }
+#endif
+#if IS_LM2(KVQ_VS)
 // V: four 2-bit codes at bits 0, 8, 16, 24 of f -> f16 pairs {C2[b0], C2[b1]} and {C2[b2], C2[b3]}
 // from the table t01 = {C2[0], C2[1]}, t23 = {C2[2], C2[3]} (entry c at bytes 2c, 2c + 1).
 __device__ __forceinline__ void tq_v_quad(u32 f, u32 t01, u32 t23, u32& lo, u32& hi) {
@@ -319,11 +330,11 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
     const int t_begin = split * tokens_per_split;
     const int t_end = min(ctx, t_begin + tokens_per_split);
 
-    // ---- the group's queries: rotated (TurboQuant) and scaled by softmax scale * log2(e) ----
+    // ---- the group's queries: rotated (a Hadamard-domain K) and scaled by softmax scale * log2(e) ----
     for (int i = threadIdx.x; i < KVQ_G * KVQ_DK; i += blockDim.x)
         s_q[i / KVQ_DK][i % KVQ_DK] = q[((i64)b * hq + (i64)kvh * KVQ_G) * KVQ_DK + i];
     __syncthreads();
-#if KVQ_CODEC == CODEC_TQ
+#if KVQ_KROT
     for (int h = 1; h < KVQ_DK; h <<= 1) {
         for (int i = threadIdx.x; i < KVQ_G * KVQ_DK / 2; i += blockDim.x) {
             const int head = i / (KVQ_DK / 2), qq = i % (KVQ_DK / 2);
@@ -402,10 +413,9 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
         koff[hh] = h < KVQ_G ? s_koff[h] : 0.0f;
     }
 
-#if KVQ_CODEC == CODEC_TQ
+#if KVQ_KS == SIDE_TQ3S
     const float c3[8] = {-2.1519456f, -1.3439093f, -0.7560052f, -0.2450942f,
                          0.2450942f,  0.7560052f,  1.3439093f,  2.1519456f};
-    const float c2[4] = {-1.5104176f, -0.4527808f, 0.4527808f, 1.5104176f};
     Lut8 kc = {0u, 0u, 0u, 0u};
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -419,9 +429,12 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
             kc.hi1 |= (u32)(hb >> 8) << sh;
         }
     }
+    const float sigma_k = (float)(1.0 / sqrt((double)KVQ_DK));
+#endif
+#if IS_LM2(KVQ_VS)
+    const float c2[4] = {-1.5104176f, -0.4527808f, 0.4527808f, 1.5104176f};
     const u32 vc01 = pack2(f32_to_f16(c2[0]), f32_to_f16(c2[1]));
     const u32 vc23 = pack2(f32_to_f16(c2[2]), f32_to_f16(c2[3]));
-    const float sigma_k = (float)(1.0 / sqrt((double)KVQ_DK));
     const float sigma_v = (float)(1.0 / sqrt((double)KVQ_DV));
 #endif
 
@@ -487,19 +500,22 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
                         for (int w = 0; w < KP / 4; ++w) T.kr[ti][r][i * (KP / 4) + w] = 0u;
                     }
                 }
-#if KVQ_CODEC != CODEC_FLOAT
+#if KVQ_KS != SIDE_FLOAT
                 const u8* km = bp + (km_off[r] + off0 * kmts);
+                T.kmeta[ti][r] = live ? __ldg((const unsigned int*)km) : 0u;
+#else
+                T.kmeta[ti][r] = 0u;
+#endif
+#if KVQ_VS != SIDE_FLOAT
                 const u8* vm = bp + (vm_off[r] + off0 * vmts);
                 // a masked token's V metadata is zero: its weight is 0 * 0, never 0 * NaN
                 const bool ok = T.kval[ti][r];
-                T.kmeta[ti][r] = live ? __ldg((const unsigned int*)km) : 0u;
-#if KVQ_CODEC == CODEC_TQ
+#if IS_LM2(KVQ_VS)
                 T.vmeta[ti][r] = ok ? (u32)__ldg((const unsigned short*)vm) : 0u;
 #else
                 T.vmeta[ti][r] = ok ? __ldg((const unsigned int*)vm) : 0u;
 #endif
 #else
-                T.kmeta[ti][r] = 0u;
                 T.vmeta[ti][r] = 0u;
 #endif
             }
@@ -520,7 +536,7 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
                 } else {
                     T.vr[ti][r][0] = live ? (u32)__ldg((const unsigned short*)row) : 0u;
                 }
-#if KVQ_CODEC == CODEC_FLOAT
+#if KVQ_VS == SIDE_FLOAT
                 // a masked token's value may be anything (NaN): 0 * NaN would poison the sums
                 if (!ok) {
 #pragma unroll
@@ -535,13 +551,13 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
     auto compute_iter = [&](const Tile& T) {
         // ---- scores: sc[ti][i], i = 2 r + hh: token g + 8 r, head 2 tig + hh ----
         float sc[KVQ_TPI][4];
-#if KVQ_CODEC != CODEC_FLOAT
+#if KVQ_VS != SIDE_FLOAT
         float lv[KVQ_TPI][2];  // log2 |V scale| of tokens g, g + 8 (clamped: finite)
 #endif
 #pragma unroll
         for (int ti = 0; ti < KVQ_TPI; ++ti) {
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#if KVQ_CODEC == CODEC_TQ
+#if KVQ_KS == SIDE_TQ3S
             float acc_s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
             for (int wi = 0; wi < KW; ++wi) {
@@ -567,20 +583,20 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
             for (int r = 0; r < 2; ++r) {
                 const u32 km = T.kmeta[ti][r];
                 const float m0 = t_load((u16)(km & 0xFFFFu)), m1 = t_load((u16)(km >> 16));
-#if KVQ_CODEC != CODEC_FLOAT
+#if KVQ_VS != SIDE_FLOAT
                 const float vs = fabsf(t_load((u16)(T.vmeta[ti][r] & 0xFFFFu)));
                 lv[ti][r] = __log2f(fminf(fmaxf(vs, 1.0e-30f), 1.0e30f));
 #endif
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh) {
                     const float raw = acc[2 * r + hh];
-#if KVQ_CODEC == CODEC_FLOAT
+#if KVQ_KS == SIDE_FLOAT
                     float s = raw;
                     (void)m0; (void)m1;
-#elif KVQ_CODEC == CODEC_PT_INT8 || KVQ_CODEC == CODEC_PT_INT4
+#elif IS_PT(KVQ_KS)
                     // scale (q.c - zero sum q); raw = q.c + K_OFF
                     float s = m0 * ((raw - koff[hh]) - m1 * qsum[hh]);
-#elif KVQ_CODEC == CODEC_TM_INT8 || KVQ_CODEC == CODEC_TM_INT4
+#elif IS_TM(KVQ_KS)
                     // scale q.c + min sum q; raw = q.c + K_OFF
                     float s = m0 * (raw - koff[hh]) + m1 * qsum[hh];
 #else
@@ -601,7 +617,7 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
             float mx = -f_inf();
 #pragma unroll
             for (int ti = 0; ti < KVQ_TPI; ++ti) {
-#if KVQ_CODEC == CODEC_FLOAT
+#if KVQ_VS == SIDE_FLOAT
                 mx = fmaxf(mx, fmaxf(sc[ti][hh], sc[ti][2 + hh]));
 #else
                 mx = fmaxf(mx, fmaxf(sc[ti][hh] + lv[ti][0], sc[ti][2 + hh] + lv[ti][1]));
@@ -620,7 +636,7 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
                     const float s = sc[ti][2 * r + hh];
                     const float pr = exp2f(s - m_use);
                     sum += pr;
-#if KVQ_CODEC == CODEC_FLOAT
+#if KVQ_VS == SIDE_FLOAT
                     wv[ti][2 * r + hh] = pr;
 #else
                     const u32 vm = T.vmeta[ti][r];
@@ -628,9 +644,9 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
                     // (a masked token's metadata was zeroed at load: pr = 0 and finite factors)
                     const float w = pr * m0;
                     wv[ti][2 * r + hh] = w;
-#if KVQ_CODEC == CODEC_PT_INT8 || KVQ_CODEC == CODEC_PT_INT4
+#if IS_PT(KVQ_VS)
                     csum += w * (m1 - (float)CODE_OFF);  // sum p scale (zero - OFF)
-#elif KVQ_CODEC == CODEC_TM_INT8 || KVQ_CODEC == CODEC_TM_INT4
+#elif IS_TM(KVQ_VS)
                     csum += pr * (m1 + (float)CODE_OFF * m0);  // sum p (min + OFF scale)
 #else
                     (void)m1;
@@ -668,7 +684,7 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
             const u32* v1 = T.vr[ti][1];
             const u32* v8 = T.vr[ti][2];
             const u32* v9 = T.vr[ti][3];
-#if KVQ_CODEC == CODEC_TQ
+#if IS_LM2(KVQ_VS)
             // bytes k, k+1 of tokens (t0, t1) interleaved: [t0.k, t1.k, t0.k+1, t1.k+1]
             u32 u01[VW * 2], u89[VW * 2];
 #pragma unroll
@@ -680,17 +696,17 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
 #endif
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-#if KVQ_CODEC == CODEC_FLOAT
+#if KVQ_VS == SIDE_FLOAT
                 const u32 a0 = __byte_perm(v0[mt], v1[mt], 0x5410), a1 = __byte_perm(v0[mt], v1[mt], 0x7632);
                 const u32 a2 = __byte_perm(v8[mt], v9[mt], 0x5410), a3 = __byte_perm(v8[mt], v9[mt], 0x7632);
-#elif KVQ_CODEC == CODEC_PT_INT8 || KVQ_CODEC == CODEC_TM_INT8
+#elif IS_INT8(KVQ_VS)
                 // bytes k, k+1 of tokens (t0, t1): u = [t0.k, t1.k, t0.k+1, t1.k+1]
                 const int wi = mt >> 1;
                 const u32 sel = (mt & 1) ? 0x7362u : 0x5140u;
                 const u32 u01 = __byte_perm(v0[wi], v1[wi], sel), u89 = __byte_perm(v8[wi], v9[wi], sel);
                 const u32 a0 = bytes_to_h2(u01, 0x4140u), a1 = bytes_to_h2(u01, 0x4342u);
                 const u32 a2 = bytes_to_h2(u89, 0x4140u), a3 = bytes_to_h2(u89, 0x4342u);
-#elif KVQ_CODEC == CODEC_PT_INT4 || KVQ_CODEC == CODEC_TM_INT4
+#elif IS_INT4(KVQ_VS)
                 // byte k of tokens (t0, t1) at bytes 0 and 2: low nibble -> row g, high -> row g+8
                 const int wi = mt >> 2, sub = mt & 3;
                 const u32 k = (u32)(((sub & 2) ? 2 : 0) + (sub & 1));
@@ -743,11 +759,11 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
                     float val = o[mt][2 * r + hh];
-#if KVQ_CODEC == CODEC_PT_INT8 || KVQ_CODEC == CODEC_PT_INT4
+#if IS_PT(KVQ_VS)
                     val -= c;
-#elif KVQ_CODEC == CODEC_TM_INT8 || KVQ_CODEC == CODEC_TM_INT4
+#elif IS_TM(KVQ_VS)
                     val += c;
-#elif KVQ_CODEC == CODEC_TQ
+#elif IS_LM2(KVQ_VS)
                     val *= sigma_v;
                     (void)c;
 #else
@@ -824,7 +840,7 @@ extern "C" __global__ void kvq_decode_reduce(const float* __restrict__ part_o, c
     }
     l = block_reduce(l, false, s_scratch);
     float val = l > 0.0f ? acc * (1.0f / l) : 0.0f;
-#if KVQ_CODEC == CODEC_TQ
+#if KVQ_VROT
     s_v[d] = val;
     __syncthreads();
     for (int h = 1; h < KVQ_DV; h <<= 1) {

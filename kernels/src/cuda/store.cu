@@ -1,5 +1,6 @@
 // Quantize-and-store: one launch per layer per step writes every new K and V token of the batch
-// into the paged cache, through the codec KVQ_CODEC, at the byte positions of CacheParams. Each
+// into the paged cache, K through side KVQ_KS and V through side KVQ_VS (rotated first when
+// KVQ_KROT / KVQ_VROT), at the byte positions of CacheParams. Each
 // warp encodes one (token, KV head, side) vector; the arithmetic follows the CPU codecs
 // operation for operation so the bytes agree (int codes to within one near ties).
 
@@ -153,17 +154,25 @@ __device__ void enc_tq_k(const float* x, u8* data, u8* meta, float* y, u8* codes
     }
 }
 
-template <int D>
-__device__ void enc_tq_v(const float* x, u8* data, u8* meta, float* y, u8* codes, int lane) {
+// 2-bit Lloyd-Max side. UNSHRINK (lm2u): store n / <u, c^> instead of n, so that the decoded
+// vector's projection on the input is the input's norm (turbo_quant.rs `unshrunk_norm`).
+template <int D, bool UNSHRINK>
+__device__ void enc_lm2(const float* x, u8* data, u8* meta, float* y, u8* codes, int lane) {
     rotate_to_t<D>(x, y, lane);
-    const double n = tq_norm<D>(y, lane);
+    double n = tq_norm<D>(y, lane);
     const float sigma = (float)(1.0 / sqrt((double)D));
+    double proj = 0.0;
     for (int i = lane; i < D; i += 32) {
         float u = (float)((double)sanitize(y[i]) / n);
         u32 idx = 0;
 #pragma unroll
         for (int k = 0; k < 3; ++k) idx += u > __fmul_rn(KVQ_B2[k], sigma) ? 1u : 0u;
         codes[i] = (u8)idx;
+        proj += (double)u * (double)__fmul_rn(KVQ_C2[idx], sigma);
+    }
+    if (UNSHRINK) {
+        proj = warp_sum_d(proj);
+        if (proj > 1e-3) n = n / proj;
     }
     __syncwarp();
     const int q = D / 4;
@@ -172,22 +181,22 @@ __device__ void enc_tq_v(const float* x, u8* data, u8* meta, float* y, u8* codes
     if (lane == 0) ((u16*)meta)[0] = t_store(t_round_sat((float)n));
 }
 
-template <int D>
-__device__ void encode_side(int side, const float* x, u8* data, u8* meta, float* y, u8* codes, int lane) {
-#if KVQ_CODEC == CODEC_FLOAT
-    enc_float<D>(x, data, lane);
-#elif KVQ_CODEC == CODEC_PT_INT8
-    enc_pt<D, 255>(x, data, meta, codes, lane);
-#elif KVQ_CODEC == CODEC_PT_INT4
-    enc_pt<D, 15>(x, data, meta, codes, lane);
-#elif KVQ_CODEC == CODEC_TM_INT8
-    enc_tm<D, 8>(x, data, meta, codes, lane);
-#elif KVQ_CODEC == CODEC_TM_INT4
-    enc_tm<D, 4>(x, data, meta, codes, lane);
-#elif KVQ_CODEC == CODEC_TQ
-    if (side == 0) enc_tq_k<D>(x, data, meta, y, codes, lane);
-    else enc_tq_v<D>(x, data, meta, y, codes, lane);
-#endif
+// One vector of side S (SIDE_*), rotated first when ROT (the Lloyd-Max and TurboQuant encoders
+// rotate themselves).
+template <int D, int S, int ROT>
+__device__ void encode_side(const float* x, u8* data, u8* meta, float* y, u8* codes, int lane) {
+    if constexpr (ROT && S != SIDE_TQ3S && !IS_LM2(S)) {
+        rotate_to_t<D>(x, y, lane);
+        x = y;
+    }
+    if constexpr (S == SIDE_FLOAT) enc_float<D>(x, data, lane);
+    else if constexpr (S == SIDE_PT8) enc_pt<D, 255>(x, data, meta, codes, lane);
+    else if constexpr (S == SIDE_PT4) enc_pt<D, 15>(x, data, meta, codes, lane);
+    else if constexpr (S == SIDE_TM8) enc_tm<D, 8>(x, data, meta, codes, lane);
+    else if constexpr (S == SIDE_TM4) enc_tm<D, 4>(x, data, meta, codes, lane);
+    else if constexpr (S == SIDE_TQ3S) enc_tq_k<D>(x, data, meta, y, codes, lane);
+    else if constexpr (S == SIDE_LM2) enc_lm2<D, false>(x, data, meta, y, codes, lane);
+    else enc_lm2<D, true>(x, data, meta, y, codes, lane);
 }
 
 // k: [num_tokens, num_kv_heads, KVQ_DK] f32, v: [num_tokens, num_kv_heads, KVQ_DV] f32,
@@ -211,11 +220,11 @@ kvq_store_kv(const float* __restrict__ k, const float* __restrict__ v, const int
     if (side == 0) {
         u8* data = base + p.kd.offset + head * p.kd.head_stride + off * p.kd.token_stride;
         u8* meta = base + p.km.offset + head * p.km.head_stride + off * p.km.token_stride;
-        encode_side<KVQ_DK>(0, k + row * KVQ_DK, data, meta, s_y[warp], s_codes[warp], lane);
+        encode_side<KVQ_DK, KVQ_KS, KVQ_KROT>(k + row * KVQ_DK, data, meta, s_y[warp], s_codes[warp], lane);
     } else {
         u8* data = base + p.vd.offset + head * p.vd.head_stride + off * p.vd.token_stride;
         u8* meta = base + p.vm.offset + head * p.vm.head_stride + off * p.vm.token_stride;
-        encode_side<KVQ_DV>(1, v + row * KVQ_DV, data, meta, s_y[warp], s_codes[warp], lane);
+        encode_side<KVQ_DV, KVQ_VS, KVQ_VROT>(v + row * KVQ_DV, data, meta, s_y[warp], s_codes[warp], lane);
     }
 }
 
