@@ -11,6 +11,8 @@ use crate::KernelError;
 
 /// Threads per CTA of `kvq_decode_split` (`DEC_WARPS` · 32).
 const SPLIT_THREADS: u32 = 128;
+/// Threads of `kvq_decode_reduce` (RED_WAYS × the V head dim in decode.cu).
+const REDUCE_THREADS: u32 = 512;
 
 /// One decode step's inputs, all on the device.
 #[derive(Debug)]
@@ -127,6 +129,7 @@ pub fn decode_attention(
         n,
         kv_heads,
         batch.max_context.max(1),
+        layout.block_size,
     );
     ensure(gpu, &mut ws.part_o, n * h * plan.splits * dv)?;
     ensure(gpu, &mut ws.part_ml, n * h * plan.splits * 2)?;
@@ -175,7 +178,7 @@ pub fn decode_attention(
         b.arg(&*part_o).arg(&*part_ml).arg(&splits).arg(&mut *out);
         let cfg = LaunchConfig {
             grid_dim: ((n * h) as u32, 1, 1),
-            block_dim: (dv as u32, 1, 1),
+            block_dim: (REDUCE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: matches `kvq_decode_reduce`; the partials hold `n·h·splits` rows.

@@ -567,6 +567,10 @@ pub fn compile_check_set() -> Vec<Specialization> {
 /// Fewest tokens a split gets: enough work per CTA to amortise its set-up and merge.
 const MIN_SPLIT_TOKENS: usize = 512;
 
+/// Most cache blocks one split may span: the decode kernel stages the split's block-table
+/// entries in shared memory (`DEC_MAX_BLOCKS` in decode.cu).
+pub const MAX_SPLIT_BLOCKS: usize = 512;
+
 /// How the context was split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodePlan {
@@ -583,12 +587,16 @@ pub fn plan_splits(
     batch: usize,
     kv_heads: usize,
     max_context: usize,
+    block_size: usize,
 ) -> DecodePlan {
     let base = (batch * kv_heads).max(1);
     // About four waves of resident CTAs: small per-CTA work hides the tail of the last wave.
     let target = 4 * ctas_per_sm.max(1) * sm_count.max(1);
     let most = max_context.div_ceil(MIN_SPLIT_TOKENS).max(1);
-    let splits = target.div_ceil(base).clamp(1, most);
+    // A split starts on a 16-token boundary, so it touches at most len / block_size + 2 blocks.
+    let longest = ((MAX_SPLIT_BLOCKS - 2) * block_size.max(16)) / 16 * 16;
+    let fewest = max_context.div_ceil(longest).max(1);
+    let splits = target.div_ceil(base).clamp(1, most).max(fewest);
     let tokens_per_split = max_context.div_ceil(splits).div_ceil(16).max(1) * 16;
     DecodePlan {
         splits: max_context.div_ceil(tokens_per_split).max(1),
@@ -689,12 +697,22 @@ mod tests {
             (3, 2, 17),
             (1, 1, 1),
         ] {
-            let p = plan_splits(132, 2, b, h, ctx);
-            assert_eq!(p.tokens_per_split % 16, 0);
-            assert!(p.splits * p.tokens_per_split >= ctx);
-            assert!((p.splits - 1) * p.tokens_per_split < ctx, "{p:?}");
+            for bs in [16, 64] {
+                let p = plan_splits(132, 2, b, h, ctx, bs);
+                assert_eq!(p.tokens_per_split % 16, 0);
+                assert!(p.splits * p.tokens_per_split >= ctx);
+                assert!((p.splits - 1) * p.tokens_per_split < ctx, "{p:?}");
+            }
         }
         // Batch 1 at long context spreads over the whole GPU.
-        assert!(plan_splits(132, 2, 1, 8, 32768).splits * 8 >= 2 * 132);
+        assert!(plan_splits(132, 2, 1, 8, 32768, 64).splits * 8 >= 2 * 132);
+        // A split never spans more blocks than the kernel stages, wherever it starts.
+        for (b, ctx, bs) in [(64, 1 << 20, 16), (256, 1 << 18, 16), (64, 1 << 20, 64)] {
+            let p = plan_splits(132, 4, b, 8, ctx, bs);
+            assert!(
+                p.tokens_per_split / bs + 2 <= MAX_SPLIT_BLOCKS,
+                "{p:?} bs {bs}"
+            );
+        }
     }
 }

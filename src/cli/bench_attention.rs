@@ -18,8 +18,8 @@ pub struct AttentionBenchArgs {
     /// 32/8/128/1/32768, 9/3/64/32/32768).
     #[arg(long = "shapes", value_delimiter = ',')]
     pub shapes: Vec<String>,
-    /// Configurations as BACKEND:POLICY, comma-separated (default: pytorch 0, 8, 4, 42 and
-    /// turbomind 8, 4).
+    /// Configurations as BACKEND:POLICY or pytorch:k=SIDE,v=SIDE[,rotate], comma-separated
+    /// (default: pytorch 0, 8, 4, 42 and turbomind 8, 4).
     #[arg(long = "configs", value_delimiter = ',')]
     pub configs: Vec<String>,
     /// Cache dtype: f16 or bf16.
@@ -106,24 +106,29 @@ pub fn run(a: AttentionBenchArgs) -> Result<(), KvqError> {
             .map(|s| Shape::parse(s))
             .collect::<Result<Vec<_>, _>>()?
     };
-    let configs: Vec<String> = if a.configs.is_empty() {
-        DEFAULT_CONFIGS.iter().map(|s| s.to_string()).collect()
-    } else {
-        a.configs.clone()
-    };
+    let (specs, configs) = super::config_list::parse_configs(
+        &kvq::EngineConfig::default(),
+        &a.configs,
+        &DEFAULT_CONFIGS,
+    )?;
     if a.iters == 0 {
         return Err(KvqError::InvalidArgument(
             "--iters must be at least 1".into(),
         ));
     }
-    imp::run(&a, &shapes, &configs)
+    imp::run(&a, &shapes, &specs, &configs)
 }
 
 #[cfg(not(feature = "cuda"))]
 mod imp {
     use super::*;
 
-    pub fn run(_: &AttentionBenchArgs, _: &[Shape], _: &[String]) -> Result<(), KvqError> {
+    pub fn run(
+        _: &AttentionBenchArgs,
+        _: &[Shape],
+        _: &[String],
+        _: &[kvq::EngineConfig],
+    ) -> Result<(), KvqError> {
         Err(KvqError::InvalidArgument(
             kernels::KernelError::NotBuilt.to_string(),
         ))
@@ -143,15 +148,17 @@ mod imp {
     use kernels::KernelError;
     use kvq::cache::CacheLayout;
     use kvq::codec::{float_codec, KvCodec};
-    use kvq::{AttentionBackend, KvDtype};
+    use kvq::config::CodecChoice;
+    use kvq::{AttentionBackend, EngineConfig, KvDtype};
 
     fn gpu_err(e: KernelError) -> KvqError {
         KvqError::InvalidArgument(format!("GPU: {e}"))
     }
 
-    /// The codec and layout of `backend:policy`.
+    /// The codec and layout of one `--configs` entry (`spec` names it in errors).
     fn config(
         spec: &str,
+        cfg: &EngineConfig,
         d: usize,
         dtype: KvDtype,
         kv_heads: usize,
@@ -159,21 +166,28 @@ mod imp {
         bs: usize,
     ) -> Result<(Arc<dyn KvCodec>, CacheLayout), KvqError> {
         use backend_pytorchlike::codecs as pt;
-        let (backend, policy) = spec.split_once(':').ok_or_else(|| {
-            KvqError::InvalidArgument(format!(
-                "config \"{spec}\": expected BACKEND:POLICY, e.g. pytorch:42"
-            ))
-        })?;
-        let codec: Arc<dyn KvCodec> = match (backend, policy) {
-            ("pytorch" | "turbomind", "0") => Arc::new(float_codec(d, d, dtype)),
-            ("pytorch", "8") => Arc::new(pt::int8_codec(d, d, dtype)),
-            ("pytorch", "4") => Arc::new(pt::int4_codec(d, d, dtype)),
-            ("pytorch", "42") => Arc::new(pt::turbo_quant_codec(d, d, dtype)),
-            ("turbomind", "8") => Arc::new(backend_turbomind::int8_codec(d, d, dtype)),
-            ("turbomind", "4") => Arc::new(backend_turbomind::int4_codec(d, d, dtype)),
+        let choice = cfg
+            .codec_choice()
+            .map_err(|e| KvqError::InvalidArgument(format!("config \"{spec}\": {e}")))?;
+        let backend = cfg.engine.backend.as_str();
+        let codec: Arc<dyn KvCodec> = match (backend, choice) {
+            ("pytorch" | "turbomind", CodecChoice::None) => Arc::new(float_codec(d, d, dtype)),
+            ("pytorch", CodecChoice::Int8) => Arc::new(pt::int8_codec(d, d, dtype)),
+            ("pytorch", CodecChoice::Int4) => Arc::new(pt::int4_codec(d, d, dtype)),
+            ("pytorch", CodecChoice::TurboQuant) => Arc::new(pt::turbo_quant_codec(d, d, dtype)),
+            ("turbomind", CodecChoice::Int8) => {
+                Arc::new(backend_turbomind::int8_codec(d, d, dtype))
+            }
+            ("turbomind", CodecChoice::Int4) => {
+                Arc::new(backend_turbomind::int4_codec(d, d, dtype))
+            }
+            ("pytorch", CodecChoice::Sides(section)) if section.edge.is_none() => {
+                Arc::new(pt::sides_codec(&section, d, d, dtype))
+            }
             _ => {
                 return Err(KvqError::InvalidArgument(format!(
-                    "config \"{spec}\": GPU policies are pytorch:0/8/4/42 and turbomind:0/8/4"
+                    "config \"{spec}\": GPU configs are pytorch:0/8/4/42, turbomind:0/8/4 and \
+                     pytorch:k=SIDE,v=SIDE[,rotate] (no edge layers)"
                 )))
             }
         };
@@ -213,6 +227,7 @@ mod imp {
         a: &AttentionBenchArgs,
         shape: &Shape,
         spec: &str,
+        cfg: &EngineConfig,
         dtype: KvDtype,
         seed: u64,
     ) -> Result<Row, KvqError> {
@@ -220,11 +235,11 @@ mod imp {
         let d = shape.head_dim;
         let blocks_per_seq = shape.context.div_ceil(bs);
         let num_blocks = shape.batch * blocks_per_seq;
-        let (codec, probe) = config(spec, d, dtype, shape.kv_heads, 1, bs)?;
+        let (codec, probe) = config(spec, cfg, d, dtype, shape.kv_heads, 1, bs)?;
         // Enough layers that the bytes the timed runs cycle through are ≥ 512 MiB (10× L2).
         let layer_bytes = probe.block_bytes() * num_blocks;
         let layers = (512usize << 20).div_ceil(layer_bytes.max(1)).clamp(1, 8);
-        let (_, layout) = config(spec, d, dtype, shape.kv_heads, layers, bs)?;
+        let (_, layout) = config(spec, cfg, d, dtype, shape.kv_heads, layers, bs)?;
         let mut cache = GpuCache::new(gpu, layout.clone(), codec.as_ref(), dtype, num_blocks)
             .map_err(gpu_err)?;
 
@@ -339,7 +354,8 @@ mod imp {
     pub fn run(
         a: &AttentionBenchArgs,
         shapes: &[Shape],
-        configs: &[String],
+        specs: &[String],
+        configs: &[EngineConfig],
     ) -> Result<(), KvqError> {
         let dtype = match a.dtype.as_str() {
             "f16" | "float16" | "fp16" => KvDtype::F16,
@@ -412,12 +428,13 @@ mod imp {
                 );
             }
             let mut fp16_ms = None;
-            for (i, spec) in configs.iter().enumerate() {
+            for (i, (spec, cfg)) in specs.iter().zip(configs).enumerate() {
                 let row = bench_one(
                     &gpu,
                     a,
                     shape,
                     spec,
+                    cfg,
                     dtype,
                     seed.wrapping_add(i as u64 * 7919),
                 )?;

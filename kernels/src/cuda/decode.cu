@@ -32,6 +32,9 @@
 #define KVQ_G 4
 #endif
 #define DEC_WARPS 4
+// Most blocks one split may span: the split's block-table entries are staged in shared memory
+// once, so a tile's address never waits on a global load (spec.rs MAX_SPLIT_BLOCKS).
+#define DEC_MAX_BLOCKS 512
 
 // Code bits per element of each side; PPW = K slot pairs per 32-bit word.
 #if KVQ_KS == SIDE_FLOAT
@@ -321,6 +324,7 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
     __shared__ float s_qsum[KVQ_G], s_qmul[KVQ_G], s_koff[KVQ_G];
     __shared__ float s_m[DEC_WARPS][KVQ_G], s_l[DEC_WARPS][KVQ_G];
     __shared__ float s_o[DEC_WARPS][KVQ_G][KVQ_DV];
+    __shared__ int s_blk[DEC_MAX_BLOCKS];
 
     const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
@@ -333,6 +337,12 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
     // ---- the group's queries: rotated (a Hadamard-domain K) and scaled by softmax scale * log2(e) ----
     for (int i = threadIdx.x; i < KVQ_G * KVQ_DK; i += blockDim.x)
         s_q[i / KVQ_DK][i % KVQ_DK] = q[((i64)b * hq + (i64)kvh * KVQ_G) * KVQ_DK + i];
+    // The split's block-table entries (the host keeps a split within DEC_MAX_BLOCKS blocks).
+    const int bs_shift = __ffs(bs) - 1;  // the block size is a power of two (checked on the host)
+    const int* btab = block_tables + (i64)b * bt_stride;
+    const int blk_first = t_begin >> bs_shift;
+    const int blk_count = t_end > t_begin ? min(((t_end - 1) >> bs_shift) - blk_first + 1, DEC_MAX_BLOCKS) : 0;
+    for (int i = threadIdx.x; i < blk_count; i += blockDim.x) s_blk[i] = btab[blk_first + i];
     __syncthreads();
 #if KVQ_KROT
     for (int h = 1; h < KVQ_DK; h <<= 1) {
@@ -453,7 +463,6 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
         for (int i = 0; i < 4; ++i) o[mt][i] = 0.0f;
 
     // Addresses: a block's base in 64 bits, everything inside a block (< layer_bytes) in 32.
-    const int bs_shift = __ffs(bs) - 1;  // the block size is a power of two (checked on the host)
     const u8* layer_ptr = cache + (p.layer_major ? (i64)layer * p.num_blocks * p.layer_bytes : (i64)layer * p.layer_bytes);
     const i64 block_stride = p.layer_major ? p.layer_bytes : p.num_layers * p.layer_bytes;
     const u32 kts = (u32)p.kd.token_stride, vts = (u32)p.vd.token_stride;
@@ -470,7 +479,6 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
 #pragma unroll
     for (int r = 0; r < 4; ++r)
         v_off[r] = (u32)(p.vd.offset + kvh * p.vd.head_stride) + (u32)tv[r] * vts + (u32)(VP * g);
-    const int* btab = block_tables + (i64)b * bt_stride;
 
     // Raw bytes of one iteration (KVQ_TPI tiles of 16 tokens), as this lane reads them.
     struct Tile {
@@ -484,7 +492,7 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
         for (int ti = 0; ti < KVQ_TPI; ++ti) {
             const int tt = t0 + 16 * ti;
             const bool live = tt < t_end;
-            const int blk = live ? btab[tt >> bs_shift] : 0;
+            const int blk = live ? s_blk[(tt >> bs_shift) - blk_first] : 0;
             const u32 off0 = (u32)(tt & (bs - 1));
             const u8* bp = layer_ptr + (i64)blk * block_stride;
 #pragma unroll
@@ -795,9 +803,10 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
     }
 }
 
-// One CTA of KVQ_DV threads per (sequence, query head). The splits' weights are computed once
-// into shared memory, then each thread sums its dimension with many loads in flight.
-#define RED_CHUNK 256
+// One CTA of RED_WAYS x KVQ_DV threads per (sequence, query head): way w sums splits w,
+// w + RED_WAYS, ... of every dimension, so each thread has only a few independent loads in
+// flight and the merge costs about one memory round trip, not one per split.
+#define RED_WAYS (512 / KVQ_DV)
 __device__ __forceinline__ float block_reduce(float v, bool is_max, float* scratch) {
     for (int o = 16; o > 0; o >>= 1) {
         const float w = __shfl_xor_sync(0xffffffffu, v, o);
@@ -812,49 +821,55 @@ __device__ __forceinline__ float block_reduce(float v, bool is_max, float* scrat
     return v;
 }
 
-extern "C" __global__ void kvq_decode_reduce(const float* __restrict__ part_o, const float* __restrict__ part_ml,
-                                             int num_splits, float* __restrict__ out) {
-    __shared__ float s_v[KVQ_DV];
-    __shared__ float s_f[RED_CHUNK];
+extern "C" __global__ void __launch_bounds__(512)
+kvq_decode_reduce(const float* __restrict__ part_o, const float* __restrict__ part_ml, int num_splits,
+                  float* __restrict__ out) {
+    __shared__ float s_acc[RED_WAYS][KVQ_DV];
+    __shared__ float s_l[RED_WAYS];
     __shared__ float s_scratch[32];
     const i64 bh = blockIdx.x;
-    const int d = threadIdx.x;
+    const int d = threadIdx.x % KVQ_DV, way = threadIdx.x / KVQ_DV;
     const float* ml = part_ml + 2 * bh * num_splits;
     const float* po = part_o + bh * num_splits * KVQ_DV;
     float mx = -f_inf();
-    for (int s = d; s < num_splits; s += KVQ_DV) mx = fmaxf(mx, ml[2 * s]);
+    for (int s = threadIdx.x; s < num_splits; s += blockDim.x) mx = fmaxf(mx, ml[2 * s]);
     mx = block_reduce(mx, true, s_scratch);
+    // a warp shares its way, so the (m, l) loads are broadcasts and the partials coalesce
     float l = 0.0f, acc = 0.0f;
-    for (int c = 0; c < num_splits; c += RED_CHUNK) {
-        const int n = min(RED_CHUNK, num_splits - c);
-        __syncthreads();
-        for (int i = d; i < n; i += KVQ_DV) {
-            const float m = ml[2 * (c + i)];
-            const float f = (m == -f_inf()) ? 0.0f : exp2f(m - mx);
-            s_f[i] = f;
-            l += f * ml[2 * (c + i) + 1];
-        }
-        __syncthreads();
-#pragma unroll 8
-        for (int i = 0; i < n; ++i) acc += s_f[i] * po[(i64)(c + i) * KVQ_DV + d];
+#pragma unroll 4
+    for (int s = way; s < num_splits; s += RED_WAYS) {
+        const float m = ml[2 * s];
+        const float f = (m == -f_inf()) ? 0.0f : exp2f(m - mx);
+        l += f * ml[2 * s + 1];
+        acc += f * po[(i64)s * KVQ_DV + d];
     }
-    l = block_reduce(l, false, s_scratch);
-    float val = l > 0.0f ? acc * (1.0f / l) : 0.0f;
+    s_acc[way][d] = acc;
+    if (d == 0) s_l[way] = l;
+    __syncthreads();
+    float val = 0.0f;
+    if (way == 0) {
+        float lt = 0.0f;
+#pragma unroll
+        for (int w = 0; w < RED_WAYS; ++w) {
+            lt += s_l[w];
+            val += s_acc[w][d];
+        }
+        val = lt > 0.0f ? val * (1.0f / lt) : 0.0f;
+    }
 #if KVQ_VROT
-    s_v[d] = val;
+    __syncthreads();
+    if (way == 0) s_acc[0][d] = val;
     __syncthreads();
     for (int h = 1; h < KVQ_DV; h <<= 1) {
-        if (d < KVQ_DV / 2) {
+        if (way == 0 && d < KVQ_DV / 2) {
             const int i = (d / h) * 2 * h + (d % h);
-            const float x0 = s_v[i], x1 = s_v[i + h];
-            s_v[i] = x0 + x1;
-            s_v[i + h] = x0 - x1;
+            const float x0 = s_acc[0][i], x1 = s_acc[0][i + h];
+            s_acc[0][i] = x0 + x1;
+            s_acc[0][i + h] = x0 - x1;
         }
         __syncthreads();
     }
-    val = __fmul_rn(s_v[d], 1.0f / sqrtf((float)KVQ_DV));
-#else
-    (void)s_v;
+    val = __fmul_rn(s_acc[0][d], 1.0f / sqrtf((float)KVQ_DV));
 #endif
-    out[bh * KVQ_DV + d] = val;
+    if (way == 0) out[bh * KVQ_DV + d] = val;
 }
