@@ -164,7 +164,7 @@ pub fn decode_attention(
             .arg(&mut *part_ml)
             .arg(&splits);
         let cfg = LaunchConfig {
-            grid_dim: (plan.splits as u32, kv_heads as u32, n as u32),
+            grid_dim: (kv_heads as u32, plan.splits as u32, n as u32),
             block_dim: (SPLIT_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };

@@ -326,7 +326,9 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
     __shared__ float s_o[DEC_WARPS][KVQ_G][KVQ_DV];
     __shared__ int s_blk[DEC_MAX_BLOCKS];
 
-    const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+    // KV heads vary fastest over the grid: CTAs that run side by side read the same tokens of
+    // neighbouring heads, which a token-major block ([token][head][bytes]) stores contiguously.
+    const int kvh = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
     const int hq = num_kv_heads * KVQ_G;
     const int bs = (int)p.block_size;
@@ -344,6 +346,107 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
     const int blk_count = t_end > t_begin ? min(((t_end - 1) >> bs_shift) - blk_first + 1, DEC_MAX_BLOCKS) : 0;
     for (int i = threadIdx.x; i < blk_count; i += blockDim.x) s_blk[i] = btab[blk_first + i];
     __syncthreads();
+
+    // Addresses: a block's base in 64 bits, everything inside a block (< layer_bytes) in 32.
+    const u8* layer_ptr = cache + (p.layer_major ? (i64)layer * p.num_blocks * p.layer_bytes : (i64)layer * p.layer_bytes);
+    const i64 block_stride = p.layer_major ? p.layer_bytes : p.num_layers * p.layer_bytes;
+    const u32 kts = (u32)p.kd.token_stride, vts = (u32)p.vd.token_stride;
+    const u32 kmts = (u32)p.km.token_stride, vmts = (u32)p.vm.token_stride;
+    u32 k_off[2], km_off[2], vm_off[2], v_off[4];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const u32 tok = (u32)(g + 8 * r);
+        k_off[r] = (u32)(p.kd.offset + kvh * p.kd.head_stride) + tok * kts + (u32)(KP * tig);
+        km_off[r] = (u32)(p.km.offset + kvh * p.km.head_stride) + tok * kmts;
+        vm_off[r] = (u32)(p.vm.offset + kvh * p.vm.head_stride) + tok * vmts;
+    }
+    const int tv[4] = {2 * tig, 2 * tig + 1, 2 * tig + 8, 2 * tig + 9};  // V-side tokens of the lane
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+        v_off[r] = (u32)(p.vd.offset + kvh * p.vd.head_stride) + (u32)tv[r] * vts + (u32)(VP * g);
+
+    // Raw bytes of one iteration (KVQ_TPI tiles of 16 tokens), as this lane reads them.
+    struct Tile {
+        u32 kr[KVQ_TPI][2][KW];
+        u32 vr[KVQ_TPI][4][VW];
+        u32 kmeta[KVQ_TPI][2], vmeta[KVQ_TPI][2];
+        bool kval[KVQ_TPI][2];
+    };
+    auto load_iter = [&](Tile& T, const int t0) {
+#pragma unroll
+        for (int ti = 0; ti < KVQ_TPI; ++ti) {
+            const int tt = t0 + 16 * ti;
+            const bool live = tt < t_end;
+            const int blk = live ? s_blk[(tt >> bs_shift) - blk_first] : 0;
+            const u32 off0 = (u32)(tt & (bs - 1));
+            const u8* bp = layer_ptr + (i64)blk * block_stride;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                T.kval[ti][r] = live && (tt + g + 8 * r < t_end);
+                const u8* row = bp + (k_off[r] + off0 * kts);
+#pragma unroll
+                for (int i = 0; i < KB / KP; ++i) {
+                    if (live) {
+                        load_piece<KP>(row + 4 * KP * i, &T.kr[ti][r][i * (KP / 4)]);
+                    } else {
+#pragma unroll
+                        for (int w = 0; w < KP / 4; ++w) T.kr[ti][r][i * (KP / 4) + w] = 0u;
+                    }
+                }
+#if KVQ_KS != SIDE_FLOAT
+                const u8* km = bp + (km_off[r] + off0 * kmts);
+                T.kmeta[ti][r] = live ? __ldg((const unsigned int*)km) : 0u;
+#else
+                T.kmeta[ti][r] = 0u;
+#endif
+#if KVQ_VS != SIDE_FLOAT
+                const u8* vm = bp + (vm_off[r] + off0 * vmts);
+                // a masked token's V metadata is zero: its weight is 0 * 0, never 0 * NaN
+                const bool ok = T.kval[ti][r];
+#if IS_LM2(KVQ_VS)
+                T.vmeta[ti][r] = ok ? (u32)__ldg((const unsigned short*)vm) : 0u;
+#else
+                T.vmeta[ti][r] = ok ? __ldg((const unsigned int*)vm) : 0u;
+#endif
+#else
+                T.vmeta[ti][r] = 0u;
+#endif
+            }
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const bool ok = live && (tt + tv[r] < t_end);
+                const u8* row = bp + (v_off[r] + off0 * vts);
+                if constexpr (VP >= 4) {
+#pragma unroll
+                    for (int i = 0; i < VB / VP; ++i) {
+                        if (live) {
+                            load_piece<VP>(row + 8 * VP * i, &T.vr[ti][r][i * (VP / 4)]);
+                        } else {
+#pragma unroll
+                            for (int w = 0; w < VP / 4; ++w) T.vr[ti][r][i * (VP / 4) + w] = 0u;
+                        }
+                    }
+                } else {
+                    T.vr[ti][r][0] = live ? (u32)__ldg((const unsigned short*)row) : 0u;
+                }
+#if KVQ_VS == SIDE_FLOAT
+                // a masked token's value may be anything (NaN): 0 * NaN would poison the sums
+                if (!ok) {
+#pragma unroll
+                    for (int w = 0; w < VW; ++w) T.vr[ti][r][w] = 0u;
+                }
+#else
+                (void)ok;
+#endif
+            }
+        }
+    };
+    // The first tile's loads need no query: they fly while the query is prepared.
+    const int step = 16 * KVQ_TPI, stride = DEC_WARPS * step;
+    Tile ta, tb;
+    int t0 = t_begin + warp * step;
+    if (t0 < t_end) load_iter(ta, t0);
+
 #if KVQ_KROT
     for (int h = 1; h < KVQ_DK; h <<= 1) {
         for (int i = threadIdx.x; i < KVQ_G * KVQ_DK / 2; i += blockDim.x) {
@@ -462,100 +565,6 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
 #pragma unroll
         for (int i = 0; i < 4; ++i) o[mt][i] = 0.0f;
 
-    // Addresses: a block's base in 64 bits, everything inside a block (< layer_bytes) in 32.
-    const u8* layer_ptr = cache + (p.layer_major ? (i64)layer * p.num_blocks * p.layer_bytes : (i64)layer * p.layer_bytes);
-    const i64 block_stride = p.layer_major ? p.layer_bytes : p.num_layers * p.layer_bytes;
-    const u32 kts = (u32)p.kd.token_stride, vts = (u32)p.vd.token_stride;
-    const u32 kmts = (u32)p.km.token_stride, vmts = (u32)p.vm.token_stride;
-    u32 k_off[2], km_off[2], vm_off[2], v_off[4];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const u32 tok = (u32)(g + 8 * r);
-        k_off[r] = (u32)(p.kd.offset + kvh * p.kd.head_stride) + tok * kts + (u32)(KP * tig);
-        km_off[r] = (u32)(p.km.offset + kvh * p.km.head_stride) + tok * kmts;
-        vm_off[r] = (u32)(p.vm.offset + kvh * p.vm.head_stride) + tok * vmts;
-    }
-    const int tv[4] = {2 * tig, 2 * tig + 1, 2 * tig + 8, 2 * tig + 9};  // V-side tokens of the lane
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-        v_off[r] = (u32)(p.vd.offset + kvh * p.vd.head_stride) + (u32)tv[r] * vts + (u32)(VP * g);
-
-    // Raw bytes of one iteration (KVQ_TPI tiles of 16 tokens), as this lane reads them.
-    struct Tile {
-        u32 kr[KVQ_TPI][2][KW];
-        u32 vr[KVQ_TPI][4][VW];
-        u32 kmeta[KVQ_TPI][2], vmeta[KVQ_TPI][2];
-        bool kval[KVQ_TPI][2];
-    };
-    auto load_iter = [&](Tile& T, const int t0) {
-#pragma unroll
-        for (int ti = 0; ti < KVQ_TPI; ++ti) {
-            const int tt = t0 + 16 * ti;
-            const bool live = tt < t_end;
-            const int blk = live ? s_blk[(tt >> bs_shift) - blk_first] : 0;
-            const u32 off0 = (u32)(tt & (bs - 1));
-            const u8* bp = layer_ptr + (i64)blk * block_stride;
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                T.kval[ti][r] = live && (tt + g + 8 * r < t_end);
-                const u8* row = bp + (k_off[r] + off0 * kts);
-#pragma unroll
-                for (int i = 0; i < KB / KP; ++i) {
-                    if (live) {
-                        load_piece<KP>(row + 4 * KP * i, &T.kr[ti][r][i * (KP / 4)]);
-                    } else {
-#pragma unroll
-                        for (int w = 0; w < KP / 4; ++w) T.kr[ti][r][i * (KP / 4) + w] = 0u;
-                    }
-                }
-#if KVQ_KS != SIDE_FLOAT
-                const u8* km = bp + (km_off[r] + off0 * kmts);
-                T.kmeta[ti][r] = live ? __ldg((const unsigned int*)km) : 0u;
-#else
-                T.kmeta[ti][r] = 0u;
-#endif
-#if KVQ_VS != SIDE_FLOAT
-                const u8* vm = bp + (vm_off[r] + off0 * vmts);
-                // a masked token's V metadata is zero: its weight is 0 * 0, never 0 * NaN
-                const bool ok = T.kval[ti][r];
-#if IS_LM2(KVQ_VS)
-                T.vmeta[ti][r] = ok ? (u32)__ldg((const unsigned short*)vm) : 0u;
-#else
-                T.vmeta[ti][r] = ok ? __ldg((const unsigned int*)vm) : 0u;
-#endif
-#else
-                T.vmeta[ti][r] = 0u;
-#endif
-            }
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const bool ok = live && (tt + tv[r] < t_end);
-                const u8* row = bp + (v_off[r] + off0 * vts);
-                if constexpr (VP >= 4) {
-#pragma unroll
-                    for (int i = 0; i < VB / VP; ++i) {
-                        if (live) {
-                            load_piece<VP>(row + 8 * VP * i, &T.vr[ti][r][i * (VP / 4)]);
-                        } else {
-#pragma unroll
-                            for (int w = 0; w < VP / 4; ++w) T.vr[ti][r][i * (VP / 4) + w] = 0u;
-                        }
-                    }
-                } else {
-                    T.vr[ti][r][0] = live ? (u32)__ldg((const unsigned short*)row) : 0u;
-                }
-#if KVQ_VS == SIDE_FLOAT
-                // a masked token's value may be anything (NaN): 0 * NaN would poison the sums
-                if (!ok) {
-#pragma unroll
-                    for (int w = 0; w < VW; ++w) T.vr[ti][r][w] = 0u;
-                }
-#else
-                (void)ok;
-#endif
-            }
-        }
-    };
     auto compute_iter = [&](const Tile& T) {
         // ---- scores: sc[ti][i], i = 2 r + hh: token g + 8 r, head 2 tig + hh ----
         float sc[KVQ_TPI][4];
@@ -735,10 +744,6 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
     };
 
     // Software pipeline: the next iteration's loads are in flight while this one computes.
-    const int step = 16 * KVQ_TPI, stride = DEC_WARPS * step;
-    Tile ta, tb;
-    int t0 = t_begin + warp * step;
-    if (t0 < t_end) load_iter(ta, t0);
     for (; t0 < t_end; t0 += 2 * stride) {
         const int t1 = t0 + stride;
         if (t1 < t_end) load_iter(tb, t1);
