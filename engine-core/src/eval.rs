@@ -2,6 +2,8 @@
 //! model reads the same window of text with each configuration, and the next-token
 //! distributions are compared position by position.
 
+pub mod agreement;
+
 use serde::Serialize;
 
 use crate::cache::{BlockPool, BlockTable};

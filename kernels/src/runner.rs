@@ -8,14 +8,14 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use engine_core::cache::PagedKvCache;
 use engine_core::model::{
     check_logit_rows, DeviceRunner, DeviceRunnerRegistration, DeviceRunnerRequest, ForwardPass,
     LlamaModel, LogitsFor, SeqInput,
 };
-use engine_core::ops::linear::Path;
+use engine_core::ops::linear::{Linear, Path};
 use engine_core::{AttentionBackend, KvqError, ModelSpec};
 
 use crate::blas::{Blas, GpuMatrix};
@@ -28,15 +28,15 @@ use crate::KernelError;
 /// Threads per CTA of the row kernels (`NORM_THREADS` in model.cu).
 const ROW_THREADS: u32 = 256;
 
+/// A layer's weights. Projections of the same input are stacked row-wise so each group is one
+/// GEMM: `wqkv` is wq, wk, wv (`[q_dim + k_dim + v_dim, hidden]`), `w_gate_up` is w_gate, w_up
+/// (`[2·ff, hidden]`).
 struct GpuLayer {
     attn_norm: CudaSlice<f32>,
-    wq: GpuMatrix,
-    wk: GpuMatrix,
-    wv: GpuMatrix,
+    wqkv: GpuMatrix,
     wo: GpuMatrix,
     ffn_norm: CudaSlice<f32>,
-    w_gate: GpuMatrix,
-    w_up: GpuMatrix,
+    w_gate_up: GpuMatrix,
     w_down: GpuMatrix,
 }
 
@@ -77,27 +77,64 @@ struct ActBufs {
     x: CudaSlice<f32>,
     o: CudaSlice<f32>,
     h16: CudaSlice<u16>,
+    /// The fused QKV GEMM output, `[rows, q_dim + k_dim + v_dim]`.
+    qkv: CudaSlice<f32>,
     q: CudaSlice<f32>,
     k: CudaSlice<f32>,
     v: CudaSlice<f32>,
     attn: CudaSlice<f32>,
-    gate: CudaSlice<f32>,
-    up: CudaSlice<f32>,
+    /// The fused gate|up GEMM output, `[rows, 2·ff]`.
+    gate_up: CudaSlice<f32>,
     ff16: CudaSlice<u16>,
 }
 
-/// The per-step inputs, on the device.
+/// The per-step inputs, on the device. Tokens, positions and logit rows, read only by the model
+/// kernels, share one upload (`packed`, sliced by the accessors); slots, block tables and
+/// context lengths are buffers of their own because `GpuCache::store` and `DecodeBatch` take
+/// whole `CudaSlice`s.
 struct StepInputs {
-    tokens: CudaSlice<i32>,
-    positions: CudaSlice<i32>,
+    packed: CudaSlice<i32>,
     slots: CudaSlice<i32>,
     block_tables: CudaSlice<i32>,
     context_lens: CudaSlice<i32>,
-    logit_rows: CudaSlice<i32>,
     rows: usize,
     out_rows: usize,
     max_blocks: usize,
     max_context: usize,
+}
+
+impl StepInputs {
+    fn tokens(&self) -> CudaView<'_, i32> {
+        self.packed.slice(..self.rows)
+    }
+    fn positions(&self) -> CudaView<'_, i32> {
+        self.packed.slice(self.rows..2 * self.rows)
+    }
+    fn logit_rows(&self) -> CudaView<'_, i32> {
+        self.packed
+            .slice(2 * self.rows..2 * self.rows + self.out_rows)
+    }
+}
+
+/// Widths of a row of the attention projections' outputs: the fused QKV GEMM's row is
+/// `q + k + v` wide, in that order (what `kvq_rope` splits).
+struct ProjDims {
+    q: usize,
+    k: usize,
+    v: usize,
+    /// The attention output, `wo`'s input.
+    attn: usize,
+}
+
+impl ProjDims {
+    fn of(s: &ModelSpec) -> Self {
+        Self {
+            q: s.num_heads * s.head_dim_k,
+            k: s.num_kv_heads * s.head_dim_k,
+            v: s.num_kv_heads * s.head_dim_v,
+            attn: s.num_heads * s.head_dim_v,
+        }
+    }
 }
 
 /// A Llama-family model and its KV cache on one GPU.
@@ -133,6 +170,36 @@ fn upload<T: DeviceRepr + ValidAsZeroBits>(
         .map_err(|e| KernelError::driver(format!("uploading {what}"), e))
 }
 
+/// Uploads `parts` (name, matrix, expected rows) stacked row-wise as one f16
+/// `[Σ rows, in_dim]` matrix, so products of one input with all of them are one GEMM. The shapes
+/// are checked: the kernels that split a fused GEMM output rely on them.
+fn upload_stacked(
+    gpu: &GpuContext,
+    in_dim: usize,
+    parts: &[(&str, &Linear, usize)],
+) -> Result<GpuMatrix, KernelError> {
+    for &(name, l, rows) in parts {
+        if (l.out_dim, l.in_dim) != (rows, in_dim) {
+            return Err(KernelError::InvalidArgument(format!(
+                "{name} is {}×{}, the model's shape needs {rows}×{in_dim}",
+                l.out_dim, l.in_dim
+            )));
+        }
+    }
+    let out_dim = parts.iter().map(|p| p.2).sum();
+    let w = match parts {
+        [(_, l, _)] => l.to_f32(),
+        _ => {
+            let mut w = Vec::with_capacity(out_dim * in_dim);
+            for (_, l, _) in parts {
+                w.extend_from_slice(&l.to_f32());
+            }
+            w
+        }
+    };
+    GpuMatrix::upload(gpu, &w, out_dim, in_dim)
+}
+
 fn zeros<T: DeviceRepr + ValidAsZeroBits>(
     gpu: &GpuContext,
     n: usize,
@@ -166,31 +233,39 @@ impl GpuLlama {
     /// sized from the memory left.
     pub fn upload(gpu: &Arc<GpuContext>, model: &LlamaModel) -> Result<Self, KernelError> {
         let s = &model.spec;
-        let m = |l: &engine_core::ops::linear::Linear| {
-            GpuMatrix::upload(gpu, &l.to_f32(), l.out_dim, l.in_dim)
-        };
+        if s.head_dim_k % 2 != 0 {
+            // `kvq_rope` pairs each head's halves and finds v after 2·half-wide q and k heads.
+            return Err(KernelError::Unsupported(format!(
+                "odd key head dimension {} (rotary embedding needs an even one)",
+                s.head_dim_k
+            )));
+        }
+        let (hd, ff) = (s.hidden_size, s.intermediate_size);
+        let d = ProjDims::of(s);
+        let m = |in_dim, parts: &[(&str, &Linear, usize)]| upload_stacked(gpu, in_dim, parts);
         let layers = model
             .layers()
             .iter()
             .map(|l| {
                 Ok(GpuLayer {
                     attn_norm: upload(gpu, &l.attn_norm, "attention norm")?,
-                    wq: m(&l.wq)?,
-                    wk: m(&l.wk)?,
-                    wv: m(&l.wv)?,
-                    wo: m(&l.wo)?,
+                    wqkv: m(
+                        hd,
+                        &[("wq", &l.wq, d.q), ("wk", &l.wk, d.k), ("wv", &l.wv, d.v)],
+                    )?,
+                    wo: m(d.attn, &[("wo", &l.wo, hd)])?,
                     ffn_norm: upload(gpu, &l.ffn_norm, "FFN norm")?,
-                    w_gate: m(&l.w_gate)?,
-                    w_up: m(&l.w_up)?,
-                    w_down: m(&l.w_down)?,
+                    w_gate_up: m(hd, &[("w_gate", &l.w_gate, ff), ("w_up", &l.w_up, ff)])?,
+                    w_down: m(ff, &[("w_down", &l.w_down, hd)])?,
                 })
             })
             .collect::<Result<Vec<_>, KernelError>>()?;
-        let embed = m(model.embeddings())?;
+        let vocab = s.vocab_size;
+        let embed = m(hd, &[("embeddings", model.embeddings(), vocab)])?;
         let lm_head = if std::ptr::eq(model.lm_head(), model.embeddings()) {
             None
         } else {
-            Some(m(model.lm_head())?)
+            Some(m(hd, &[("lm_head", model.lm_head(), vocab)])?)
         };
         let (cos, sin) = model.rope().tables();
         Ok(Self {
@@ -322,15 +397,15 @@ impl GpuLlama {
         }
         let g = &*self.gpu;
         let dev = |e: KernelError| device_error(g, e);
+        // The layout the accessors of `StepInputs` slice.
+        let packed = [&tokens[..], &positions, &out_rows].concat();
         Ok(StepInputs {
             rows: tokens.len(),
             out_rows: out_rows.len(),
-            tokens: upload(g, &tokens, "tokens").map_err(dev)?,
-            positions: upload(g, &positions, "positions").map_err(dev)?,
+            packed: upload(g, &packed, "tokens, positions and logit rows").map_err(dev)?,
             slots: upload(g, &slots, "slots").map_err(dev)?,
             block_tables: upload(g, &tables, "block tables").map_err(dev)?,
             context_lens: upload(g, &lens, "context lengths").map_err(dev)?,
-            logit_rows: upload(g, &out_rows, "logit rows").map_err(dev)?,
             max_blocks,
             max_context,
         })
@@ -344,21 +419,18 @@ impl GpuLlama {
         let n = rows.next_power_of_two().max(16);
         let g = &*self.gpu;
         let (hd, ff) = (s.hidden_size, s.intermediate_size);
-        let qd = s.num_heads * s.head_dim_k;
-        let kd = s.num_kv_heads * s.head_dim_k;
-        let vd = s.num_kv_heads * s.head_dim_v;
-        let ad = s.num_heads * s.head_dim_v;
-        let widest = hd.max(ad).max(ff);
+        let d = ProjDims::of(s);
+        let widest = hd.max(d.attn).max(ff);
         self.acts.bufs = Some(ActBufs {
             x: zeros(g, n * hd, "activations")?,
             o: zeros(g, n * hd, "activations")?,
             h16: zeros(g, n * widest, "activations")?,
-            q: zeros(g, n * qd, "queries")?,
-            k: zeros(g, n * kd, "keys")?,
-            v: zeros(g, n * vd, "values")?,
-            attn: zeros(g, n * ad, "attention output")?,
-            gate: zeros(g, n * ff, "FFN gate")?,
-            up: zeros(g, n * ff, "FFN up")?,
+            qkv: zeros(g, n * (d.q + d.k + d.v), "fused QKV")?,
+            q: zeros(g, n * d.q, "queries")?,
+            k: zeros(g, n * d.k, "keys")?,
+            v: zeros(g, n * d.v, "values")?,
+            attn: zeros(g, n * d.attn, "attention output")?,
+            gate_up: zeros(g, n * 2 * ff, "FFN gate and up")?,
             ff16: zeros(g, n * ff, "FFN product")?,
         });
         self.acts.rows = n;
@@ -384,6 +456,7 @@ impl GpuLlama {
         }
         let (hd, ff) = (s.hidden_size, s.intermediate_size);
         let (heads, kvh, dk) = (s.num_heads, s.num_kv_heads, s.head_dim_k);
+        let d = ProjDims::of(&s);
         let eps = s.rms_norm_eps;
         let stream = self.gpu.stream().clone();
         let fns = &self.fns;
@@ -392,10 +465,11 @@ impl GpuLlama {
             KernelError::InvalidArgument("the GPU model has no cache attached".into())
         })?;
         let (hd_i, eps_f) = (hd as i32, eps);
+        let (tokens, positions, logit_rows) = (inp.tokens(), inp.positions(), inp.logit_rows());
         {
             let mut b = stream.launch_builder(&fns.embed);
             b.arg(&self.embed.data)
-                .arg(&inp.tokens)
+                .arg(&tokens)
                 .arg(&mut a.x)
                 .arg(&hd_i);
             // SAFETY: matches kvq_embed; `tokens` were checked against the vocabulary.
@@ -434,21 +508,25 @@ impl GpuLlama {
             } else {
                 norm(&mut a.x, &a.o, 1, &layer.attn_norm, &mut a.h16)?;
             }
-            self.blas.linear(&a.h16, &layer.wq, &mut a.q, rows)?;
-            self.blas.linear(&a.h16, &layer.wk, &mut a.k, rows)?;
-            self.blas.linear(&a.h16, &layer.wv, &mut a.v, rows)?;
+            self.blas.linear(&a.h16, &layer.wqkv, &mut a.qkv, rows)?;
             {
                 let (h_i, kv_i, half_i) = (heads as i32, kvh as i32, (dk / 2) as i32);
+                let vd_i = d.v as i32;
                 let mut b = stream.launch_builder(&fns.rope);
-                b.arg(&mut a.q)
+                b.arg(&a.qkv)
+                    .arg(&mut a.q)
                     .arg(&mut a.k)
-                    .arg(&inp.positions)
+                    .arg(&mut a.v)
+                    .arg(&positions)
                     .arg(&self.rope_cos)
                     .arg(&self.rope_sin)
                     .arg(&h_i)
                     .arg(&kv_i)
-                    .arg(&half_i);
-                // SAFETY: matches kvq_rope; positions were checked against the tables.
+                    .arg(&half_i)
+                    .arg(&vd_i);
+                // SAFETY: matches kvq_rope; qkv holds ≥ rows × (q + k + v dims) values (the
+                // GEMM's checked output) and q, k, v ≥ rows × their dims (`ensure_acts`);
+                // positions were checked against the tables.
                 launched(
                     unsafe { b.launch(cfg(rows as u32, ROW_THREADS)) }.map(|_| ()),
                     "kvq_rope",
@@ -467,7 +545,7 @@ impl GpuLlama {
             };
             decode_attention(cache, l, &batch, &mut a.attn, &mut self.decode_ws)?;
             {
-                let n = n_elems(rows * heads * s.head_dim_v);
+                let n = n_elems(rows * d.attn);
                 let mut b = stream.launch_builder(&fns.to_f16);
                 b.arg(&a.attn).arg(&mut a.h16).arg(&n);
                 // SAFETY: matches kvq_to_f16; both buffers hold ≥ n values.
@@ -478,13 +556,14 @@ impl GpuLlama {
             }
             self.blas.linear(&a.h16, &layer.wo, &mut a.o, rows)?;
             norm(&mut a.x, &a.o, 1, &layer.ffn_norm, &mut a.h16)?;
-            self.blas.linear(&a.h16, &layer.w_gate, &mut a.gate, rows)?;
-            self.blas.linear(&a.h16, &layer.w_up, &mut a.up, rows)?;
+            self.blas
+                .linear(&a.h16, &layer.w_gate_up, &mut a.gate_up, rows)?;
             {
                 let n = n_elems(rows * ff);
+                let ff_i = ff as i32;
                 let mut b = stream.launch_builder(&fns.silu_mul);
-                b.arg(&a.gate).arg(&a.up).arg(&mut a.ff16).arg(&n);
-                // SAFETY: matches kvq_silu_mul; all three buffers hold ≥ n values.
+                b.arg(&a.gate_up).arg(&mut a.ff16).arg(&ff_i).arg(&n);
+                // SAFETY: matches kvq_silu_mul; gate_up holds ≥ 2n values, ff16 ≥ n.
                 launched(
                     unsafe { b.launch(cfg(grid_for(n as usize), 256)) }.map(|_| ()),
                     "kvq_silu_mul",
@@ -508,7 +587,7 @@ impl GpuLlama {
             b.arg(&mut a.x)
                 .arg(&a.o)
                 .arg(&zero)
-                .arg(&inp.logit_rows)
+                .arg(&logit_rows)
                 .arg(&self.final_norm)
                 .arg(&mut a.h16)
                 .arg(&hd_i)

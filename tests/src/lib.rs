@@ -2,7 +2,10 @@
 
 use std::path::PathBuf;
 
-use engine_core::{EngineConfig, ModelSpec};
+use engine_core::model::{LlamaLayer, LlamaModel};
+use engine_core::ops::linear::Linear;
+use engine_core::testing::{gaussian, rng};
+use engine_core::{AttentionKind, EngineConfig, ModelSpec};
 
 // Linked for their `inventory` registrations.
 use backend_pytorchlike as _;
@@ -36,4 +39,66 @@ pub fn text(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../texts")
         .join(name)
+}
+
+/// SmolLM2-135M's shape with `layers` layers.
+pub fn smollm2_shape(layers: usize) -> ModelSpec {
+    ModelSpec {
+        num_layers: layers,
+        attention: AttentionKind::Mha,
+        ..ModelSpec::smollm2_135m()
+    }
+}
+
+/// Random weights: matrices N(0, 1/in), norms near 1, a tied N(0, 0.15²) embedding. `weight`
+/// maps every matrix and embedding value: the identity, or a rounding that gives the same
+/// model at a lower precision (the norms stay exact, as the GPU runner keeps them in f32).
+pub fn random_model(spec: &ModelSpec, seed: u64, weight: fn(f32) -> f32) -> LlamaModel {
+    let mut r = rng(seed);
+    let mut lin = |out: usize, inp: usize| {
+        let s = 1.0 / (inp as f32).sqrt();
+        Linear::new(
+            gaussian(&mut r, out * inp)
+                .into_iter()
+                .map(|x| weight(x * s))
+                .collect(),
+            out,
+            inp,
+        )
+    };
+    let (hd, ff) = (spec.hidden_size, spec.intermediate_size);
+    let (qd, kd) = (
+        spec.num_heads * spec.head_dim_k,
+        spec.num_kv_heads * spec.head_dim_k,
+    );
+    let layers: Vec<LlamaLayer> = (0..spec.num_layers)
+        .map(|_| LlamaLayer {
+            attn_norm: vec![1.0; hd],
+            wq: lin(qd, hd),
+            wk: lin(kd, hd),
+            wv: lin(kd, hd),
+            wo: lin(hd, qd),
+            ffn_norm: vec![1.0; hd],
+            w_gate: lin(ff, hd),
+            w_up: lin(ff, hd),
+            w_down: lin(hd, ff),
+        })
+        .collect();
+    let mut r = rng(seed ^ 0x5eed);
+    // Logits of std ≈ 4, so the distributions are peaked but KL divergence is not vacuous.
+    let embed = gaussian(&mut r, spec.vocab_size * hd)
+        .into_iter()
+        .map(|x| weight(0.15 * x))
+        .collect();
+    let norm: Vec<f32> = gaussian(&mut r, hd).iter().map(|x| 1.0 + 0.1 * x).collect();
+    LlamaModel::new(spec.clone(), embed, layers, norm, None)
+}
+
+/// Sequences of uniformly random tokens, of the given lengths.
+pub fn random_prompts(seed: u64, lens: &[usize], vocab: usize) -> Vec<Vec<u32>> {
+    use rand::Rng;
+    let mut r = rng(seed);
+    lens.iter()
+        .map(|&n| (0..n).map(|_| r.random_range(0..vocab as u32)).collect())
+        .collect()
 }

@@ -6,10 +6,10 @@
 use engine_core::cache::{BlockPool, BlockTable, PagedKvCache};
 use engine_core::config::QuantPolicy;
 use engine_core::engine::{Engine, FinishReason, Request};
+use engine_core::eval::agreement::agreement;
 use engine_core::loader::{GgmlType, GgufTensors, Tokenizer};
 use engine_core::model::{load_llama, LlamaModel, LlamaTensor, LogitsFor, SeqInput, WeightSource};
 use engine_core::ops::linear::{Kernel, Path};
-use engine_core::ops::log_softmax;
 use engine_core::plan::ResolvedConfig;
 use engine_core::sampling::{argmax, SamplingParams};
 use engine_core::{EngineConfig, KvqError, ModelSpec};
@@ -114,22 +114,14 @@ fn logits(model: &LlamaModel, tokens: &[u32], path: Path) -> Vec<f32> {
 
 /// (max |Δlogit|, top-1 agreement, mean KL(f32 ‖ quantized)) over rows of `vocab` logits.
 fn compare(q: &[f32], f: &[f32], vocab: usize) -> (f32, f64, f64) {
-    let (mut max_diff, mut agree, mut kld) = (0f32, 0usize, 0f64);
-    for (a, b) in q.chunks_exact(vocab).zip(f.chunks_exact(vocab)) {
-        assert!(a.iter().all(|x| x.is_finite()));
-        for (x, y) in a.iter().zip(b) {
-            max_diff = max_diff.max((x - y).abs());
-        }
-        agree += (argmax(a) == argmax(b)) as usize;
-        let (la, lb) = (log_softmax(a), log_softmax(b));
-        kld += lb
-            .iter()
-            .zip(&la)
-            .map(|(p, q)| p.exp() * (p - q))
-            .sum::<f64>();
-    }
-    let n = q.len() / vocab;
-    (max_diff, agree as f64 / n as f64, kld / n as f64)
+    assert!(q.iter().all(|x| x.is_finite()));
+    let max_diff = q
+        .iter()
+        .zip(f)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let a = agreement(f, q, vocab).unwrap();
+    (max_diff, a.top1_rate(), a.mean_kld())
 }
 
 /// Teacher-forced next-token logits over 320 tokens of real prose (fp16 cache for both), along

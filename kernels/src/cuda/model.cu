@@ -1,5 +1,6 @@
 // The dense parts of a Llama forward pass around the cuBLAS GEMMs: embedding gather, RMSNorm
-// (fused with the residual add), rotary embedding, SwiGLU, f32 -> f16 casts, greedy argmax.
+// (fused with the residual add), rotary embedding (fused with splitting the QKV GEMM output),
+// SwiGLU (on the fused gate|up GEMM output), f32 -> f16 casts, greedy argmax.
 // Activations are f32 (the residual stream and the GEMM outputs); GEMM inputs are f16.
 // Each kernel follows the CPU op's arithmetic (engine_core::ops), in f32.
 
@@ -58,32 +59,44 @@ extern "C" __global__ void kvq_add(float* __restrict__ x, const float* __restric
         x[i] += o[i];
 }
 
-// Rotate-half RoPE of q ([rows, heads, 2·half]) and k ([rows, kv_heads, 2·half]) at each
-// row's position, with the host's cos/sin tables ([positions, half]). One CTA per row.
-extern "C" __global__ void kvq_rope(float* __restrict__ q, float* __restrict__ k,
+// Splits the fused QKV GEMM output (`qkv`, [rows, q_dim + k_dim + v_dim]) into q ([rows, heads,
+// 2·half]), k ([rows, kv_heads, 2·half]) and v ([rows, v_dim]), with rotate-half RoPE applied to
+// q and k at each row's position (the host's cos/sin tables, [positions, half]). Splitting here
+// keeps q, k and v contiguous for the store and decode kernels without a launch of its own.
+// One CTA per row.
+extern "C" __global__ void kvq_rope(const float* __restrict__ qkv, float* __restrict__ q,
+                                    float* __restrict__ k, float* __restrict__ v,
                                     const int* __restrict__ pos, const float* __restrict__ cos_t,
                                     const float* __restrict__ sin_t, int heads, int kv_heads,
-                                    int half) {
+                                    int half, int v_dim) {
     const int r = blockIdx.x;
+    const int qk_dim = (heads + kv_heads) * 2 * half;
+    const float* src = qkv + (i64)r * (qk_dim + v_dim);
     const float* c = cos_t + (i64)pos[r] * half;
     const float* s = sin_t + (i64)pos[r] * half;
     const int total = (heads + kv_heads) * half;
     for (int t = threadIdx.x; t < total; t += blockDim.x) {
         int h = t / half, i = t - h * half;
-        float* base = h < heads ? q + ((i64)r * heads + h) * 2 * half
-                                : k + ((i64)r * kv_heads + (h - heads)) * 2 * half;
-        float x0 = base[i], x1 = base[i + half];
-        base[i] = x0 * c[i] - x1 * s[i];
-        base[i + half] = x1 * c[i] + x0 * s[i];
+        // The fused row holds the q heads, then the k heads, each 2·half wide.
+        const float* in = src + (i64)h * 2 * half;
+        float* out = h < heads ? q + ((i64)r * heads + h) * 2 * half
+                               : k + ((i64)r * kv_heads + (h - heads)) * 2 * half;
+        float x0 = in[i], x1 = in[i + half];
+        out[i] = x0 * c[i] - x1 * s[i];
+        out[i + half] = x1 * c[i] + x0 * s[i];
     }
+    for (int i = threadIdx.x; i < v_dim; i += blockDim.x) v[(i64)r * v_dim + i] = src[qk_dim + i];
 }
 
-// out = f16(silu(gate) * up) over n elements.
-extern "C" __global__ void kvq_silu_mul(const float* __restrict__ gate, const float* __restrict__ up,
-                                        u16* __restrict__ out, i64 n) {
+// out[r, i] = f16(silu(gate[r, i]) * up[r, i]) over n = rows · ff elements, gate and up read
+// from the fused gate|up GEMM output `gu` ([rows, 2·ff]: a row's gate, then its up).
+extern "C" __global__ void kvq_silu_mul(const float* __restrict__ gu, u16* __restrict__ out, int ff,
+                                        i64 n) {
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        float g = gate[i];
-        out[i] = f32_to_f16(g / (1.0f + expf(-g)) * up[i]);
+        const i64 r = i / ff, j = i - r * ff;
+        const float* row = gu + r * 2 * ff;
+        float g = row[j];
+        out[i] = f32_to_f16(g / (1.0f + expf(-g)) * row[ff + j]);
     }
 }
 

@@ -1,68 +1,17 @@
 //! The CUDA model runner against the CPU model: the same sequences (prompt chunks, then decode
 //! steps fed the CPU's greedy tokens) through both, per backend and policy, logits compared row
-//! by row: top-1 agreement and KL(CPU ‖ GPU).
+//! by row: top-1 agreement (strict, and up to f16 near ties) and KL(CPU ‖ GPU).
 
 use engine_core::cache::{BlockPool, BlockTable, PagedKvCache};
 use engine_core::config::QuantPolicy;
 use engine_core::engine::Engine;
-use engine_core::model::{DeviceRunnerRequest, LlamaLayer, LlamaModel, LogitsFor, SeqInput};
-use engine_core::ops::linear::Linear;
-use engine_core::ops::log_softmax;
+use engine_core::eval::agreement::{agreement, Agreement};
+use engine_core::model::{DeviceRunnerRequest, LlamaModel, LogitsFor, SeqInput};
 use engine_core::plan::ResolvedConfig;
-use engine_core::testing::{fresh_seed, gaussian, rng};
-use engine_core::{AttentionKind, EngineConfig, KvDtype, ModelSpec};
+use engine_core::testing::fresh_seed;
+use engine_core::{EngineConfig, KvDtype};
 use kernels::runner::{build_cuda_runner, GpuLlama};
-
-/// SmolLM2-135M's shape with `layers` layers.
-fn smollm2_shape(layers: usize) -> ModelSpec {
-    ModelSpec {
-        num_layers: layers,
-        attention: AttentionKind::Mha,
-        ..ModelSpec::smollm2_135m()
-    }
-}
-
-/// Random weights: matrices N(0, 1/in), norms near 1, a tied N(0, 0.15²) embedding.
-fn random_model(spec: &ModelSpec, seed: u64) -> LlamaModel {
-    let mut r = rng(seed);
-    let mut lin = |out: usize, inp: usize| {
-        let s = 1.0 / (inp as f32).sqrt();
-        Linear::new(
-            gaussian(&mut r, out * inp)
-                .into_iter()
-                .map(|x| x * s)
-                .collect(),
-            out,
-            inp,
-        )
-    };
-    let (hd, ff) = (spec.hidden_size, spec.intermediate_size);
-    let (qd, kd) = (
-        spec.num_heads * spec.head_dim_k,
-        spec.num_kv_heads * spec.head_dim_k,
-    );
-    let layers: Vec<LlamaLayer> = (0..spec.num_layers)
-        .map(|_| LlamaLayer {
-            attn_norm: vec![1.0; hd],
-            wq: lin(qd, hd),
-            wk: lin(kd, hd),
-            wv: lin(kd, hd),
-            wo: lin(hd, qd),
-            ffn_norm: vec![1.0; hd],
-            w_gate: lin(ff, hd),
-            w_up: lin(ff, hd),
-            w_down: lin(hd, ff),
-        })
-        .collect();
-    let mut r = rng(seed ^ 0x5eed);
-    // Logits of std ≈ 4, so the distributions are peaked but KL divergence is not vacuous.
-    let embed = gaussian(&mut r, spec.vocab_size * hd)
-        .into_iter()
-        .map(|x| 0.15 * x)
-        .collect();
-    let norm: Vec<f32> = gaussian(&mut r, hd).iter().map(|x| 1.0 + 0.1 * x).collect();
-    LlamaModel::new(spec.clone(), embed, layers, norm, None)
-}
+use kvq_integration_tests::{random_model, random_prompts, smollm2_shape};
 
 fn config(backend: &str, policy: u32, device: &str) -> EngineConfig {
     let mut c = EngineConfig::default();
@@ -86,28 +35,11 @@ fn configs() -> Vec<(&'static str, u32)> {
     v
 }
 
-/// Top-1 agreement and mean KL(reference ‖ other) of `[rows, vocab]` logits.
-fn compare(reference: &[f32], other: &[f32], vocab: usize) -> (f64, f64) {
-    assert_eq!(reference.len(), other.len(), "logit counts");
+/// Top-1 agreement (strict and up to f16 near ties) and KL(reference ‖ other) of `[rows, vocab]`
+/// logits.
+fn compare(reference: &[f32], other: &[f32], vocab: usize) -> Agreement {
     assert!(other.iter().all(|x| x.is_finite()), "non-finite logits");
-    let argmax = |x: &[f32]| {
-        x.iter()
-            .enumerate()
-            .fold(
-                (0, f32::NEG_INFINITY),
-                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-            )
-            .0
-    };
-    let (mut agree, mut kld) = (0usize, 0f64);
-    let rows = reference.len() / vocab;
-    for (c, g) in reference.chunks_exact(vocab).zip(other.chunks_exact(vocab)) {
-        agree += (argmax(c) == argmax(g)) as usize;
-        let (lc, lg) = (log_softmax(c), log_softmax(g));
-        let k: f64 = lc.iter().zip(&lg).map(|(&p, &q)| p.exp() * (p - q)).sum();
-        kld += k.max(0.0);
-    }
-    (agree as f64 / rows as f64, kld / rows as f64)
+    agreement(reference, other, vocab).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Runs `seqs` teacher-forced through the CPU model and the GPU runner of `cfg`: the first
@@ -203,7 +135,10 @@ fn run_case(
 }
 
 /// Per backend and policy: the GPU model against the CPU model with the same policy (top-1
-/// agreement ≥ 99.5 %, mean KLD ≤ 1e-3), and both against the CPU fp16 cache. A quantized
+/// agreement up to f16 near ties ≥ 99.5 %, mean KLD ≤ 1e-3), and both against the CPU fp16
+/// cache. The GPU's GEMMs take f16 inputs, so where the CPU's two best logits lie within f16
+/// rounding of each other (`engine_core::eval::agreement::f16_tie`) either pick is right; the
+/// strict rate and the number of such positions are printed beside it. A quantized
 /// cache turns tiny input differences (f16 GEMMs against f32) into whole-step code flips, so
 /// where the direct bound fails the GPU must still be as accurate as the CPU against fp16:
 /// mean KLD within 1.25× (+ 1e-3) and top-1 agreement within 6 points (about two standard
@@ -220,24 +155,33 @@ fn check_model(label: &str, model: &LlamaModel, seqs: &[Vec<u32>], prompt: &[usi
             let t0 = std::time::Instant::now();
             let (cpu, gpu) = run_case(model, &config(backend, policy, "cuda"), seqs, prompt);
             let reference: &Vec<f32> = reference.get_or_insert(cpu.clone());
-            let (top1, kld) = compare(&cpu, &gpu, vocab);
-            let (cpu_top1, cpu_kld) = compare(reference, &cpu, vocab);
-            let (gpu_top1, gpu_kld) = compare(reference, &gpu, vocab);
+            let direct = compare(&cpu, &gpu, vocab);
+            let (top1, kld) = (direct.top1_f16_rate(), direct.mean_kld());
+            let vs_fp16 = |x: &[f32]| {
+                let a = compare(reference, x, vocab);
+                (a.top1_rate(), a.mean_kld())
+            };
+            let ((cpu_top1, cpu_kld), (gpu_top1, gpu_kld)) = (vs_fp16(&cpu), vs_fp16(&gpu));
             eprintln!(
-                "{label} {backend}:{policy}: {} positions; GPU vs CPU: top-1 {:.2}%, mean KLD {kld:.2e}; \
-                 vs CPU fp16: CPU top-1 {:.2}% KLD {cpu_kld:.2e}, GPU top-1 {:.2}% KLD {gpu_kld:.2e} ({:.1} s)",
-                cpu.len() / vocab,
+                "{label} {backend}:{policy}: {} positions; GPU vs CPU: top-1 {:.2}% up to f16 ties \
+                 ({:.2}% strict, {} near-tie positions), mean KLD {kld:.2e}; vs CPU fp16: CPU top-1 \
+                 {:.2}% KLD {cpu_kld:.2e}, GPU top-1 {:.2}% KLD {gpu_kld:.2e} ({:.1} s)",
+                direct.rows,
                 100.0 * top1,
+                100.0 * direct.top1_rate(),
+                direct.near_ties,
                 100.0 * cpu_top1,
                 100.0 * gpu_top1,
                 t0.elapsed().as_secs_f64()
             );
-            let direct = top1 >= 0.995 && kld <= 1e-3;
+            let close = top1 >= 0.995 && kld <= 1e-3;
             let as_accurate =
                 policy != 0 && gpu_kld <= 1.25 * cpu_kld + 1e-3 && gpu_top1 >= cpu_top1 - 0.06;
-            if !(direct || as_accurate) || !kld.is_finite() {
+            if !(close || as_accurate) || !kld.is_finite() {
                 failures.push(format!(
-                    "{label} {backend}:{policy}: top-1 {top1:.4}, mean KLD {kld:.2e}"
+                    "{label} {backend}:{policy}: top-1 {top1:.4} up to f16 ties ({:.4} strict), \
+                     mean KLD {kld:.2e}",
+                    direct.top1_rate()
                 ));
             }
         }
@@ -249,20 +193,12 @@ fn check_model(label: &str, model: &LlamaModel, seqs: &[Vec<u32>], prompt: &[usi
     );
 }
 
-fn random_prompts(seed: u64, lens: &[usize], vocab: usize) -> Vec<Vec<u32>> {
-    use rand::Rng;
-    let mut r = rng(seed);
-    lens.iter()
-        .map(|&n| (0..n).map(|_| r.random_range(0..vocab as u32)).collect())
-        .collect()
-}
-
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_model_matches_cpu_model_random_weights() {
     let seed = fresh_seed("gpu_model_random");
     let spec = smollm2_shape(4);
-    let model = random_model(&spec, seed);
+    let model = random_model(&spec, seed, std::convert::identity);
     let seqs = random_prompts(seed ^ 1, &[198, 118], spec.vocab_size);
     check_model("random 4-layer", &model, &seqs, &[150, 70]);
 }
@@ -367,7 +303,7 @@ fn engine_generates_on_the_gpu() {
 fn device_argmax_matches_host() {
     let seed = fresh_seed("gpu_argmax");
     let spec = smollm2_shape(1);
-    let model = random_model(&spec, seed);
+    let model = random_model(&spec, seed, std::convert::identity);
     let cfg = config("pytorch", 0, "cuda");
     let r = ResolvedConfig::new(&spec, &cfg).unwrap();
     let gpu = kernels::device::GpuContext::new(0).unwrap();
