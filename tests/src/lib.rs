@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use engine_core::model::{LlamaLayer, LlamaModel};
+use engine_core::model::{layers_from, LlamaModel};
 use engine_core::ops::linear::Linear;
 use engine_core::testing::{gaussian, rng};
 use engine_core::{AttentionKind, EngineConfig, ModelSpec};
@@ -66,24 +66,8 @@ pub fn random_model(spec: &ModelSpec, seed: u64, weight: fn(f32) -> f32) -> Llam
             inp,
         )
     };
-    let (hd, ff) = (spec.hidden_size, spec.intermediate_size);
-    let (qd, kd) = (
-        spec.num_heads * spec.head_dim_k,
-        spec.num_kv_heads * spec.head_dim_k,
-    );
-    let layers: Vec<LlamaLayer> = (0..spec.num_layers)
-        .map(|_| LlamaLayer {
-            attn_norm: vec![1.0; hd],
-            wq: lin(qd, hd),
-            wk: lin(kd, hd),
-            wv: lin(kd, hd),
-            wo: lin(hd, qd),
-            ffn_norm: vec![1.0; hd],
-            w_gate: lin(ff, hd),
-            w_up: lin(ff, hd),
-            w_down: lin(hd, ff),
-        })
-        .collect();
+    let hd = spec.hidden_size;
+    let layers = layers_from(spec, &mut lin);
     let mut r = rng(seed ^ 0x5eed);
     // Logits of std ≈ 4, so the distributions are peaked but KL divergence is not vacuous.
     let embed = gaussian(&mut r, spec.vocab_size * hd)

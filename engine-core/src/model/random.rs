@@ -84,17 +84,12 @@ fn uniform(n: usize, scale: f32, seed: u64, tensor: u64) -> Vec<f32> {
     v
 }
 
-/// A model of `spec` with seeded random weights: matrices uniform with standard deviation
-/// `1/√in` (activations keep their scale through the layers), norms 1, f32.
-pub fn random_llama(spec: &ModelSpec, seed: u64) -> Result<LlamaModel, KvqError> {
-    let spec = spec.clone().check("random weights")?;
-    let mut tensor = 0u64;
-    let mut matrix = |out: usize, inp: usize| {
-        tensor += 1;
-        // Uniform on ±a has standard deviation a/√3.
-        let a = (3.0 / inp as f32).sqrt();
-        Linear::new(uniform(out * inp, a, seed, tensor), out, inp)
-    };
+/// The layers of `spec` with every matrix from `matrix(out, in)` (in the order q, k, v, o,
+/// gate, up, down per layer) and norms of 1: the shapes in one place for every synthetic model.
+pub fn layers_from(
+    spec: &ModelSpec,
+    mut matrix: impl FnMut(usize, usize) -> Linear,
+) -> Vec<LlamaLayer> {
     let (h, f) = (spec.hidden_size, spec.intermediate_size);
     let (q, kv_k, kv_v, o) = (
         spec.num_heads * spec.head_dim_k,
@@ -102,7 +97,7 @@ pub fn random_llama(spec: &ModelSpec, seed: u64) -> Result<LlamaModel, KvqError>
         spec.num_kv_heads * spec.head_dim_v,
         spec.num_heads * spec.head_dim_v,
     );
-    let layers = (0..spec.num_layers)
+    (0..spec.num_layers)
         .map(|_| LlamaLayer {
             attn_norm: vec![1.0; h],
             wq: matrix(q, h),
@@ -114,7 +109,22 @@ pub fn random_llama(spec: &ModelSpec, seed: u64) -> Result<LlamaModel, KvqError>
             w_up: matrix(f, h),
             w_down: matrix(h, f),
         })
-        .collect();
+        .collect()
+}
+
+/// A model of `spec` with seeded random weights: matrices uniform with standard deviation
+/// `1/√in` (activations keep their scale through the layers), norms 1, f32.
+pub fn random_llama(spec: &ModelSpec, seed: u64) -> Result<LlamaModel, KvqError> {
+    let spec = spec.clone().check("random weights")?;
+    let mut tensor = 0u64;
+    let mut matrix = |out: usize, inp: usize| {
+        tensor += 1;
+        // Uniform on ±a has standard deviation a/√3.
+        let a = (3.0 / inp as f32).sqrt();
+        Linear::new(uniform(out * inp, a, seed, tensor), out, inp)
+    };
+    let h = spec.hidden_size;
+    let layers = layers_from(&spec, &mut matrix);
     let lm_head = (!spec.tie_word_embeddings).then(|| matrix(spec.vocab_size, h));
     let embed = uniform(spec.vocab_size * h, 1.0, seed, 0);
     Ok(LlamaModel::new(
