@@ -64,7 +64,7 @@ impl AttentionBackend for PytorchBackend {
                     reason: format!(
                         "codec \"{}\" has no GPU kernel, so it cannot run with device = \"cuda\"; \
                          use device = \"cpu\", or a codec with one (quant_policy 0, 8, 4 or 42; \
-                         [cache] sides fp16, int8 and int4, rotated or not, K tq3s, V lm2 and lm2u)",
+                         [cache] sides fp16, int8 and int4, rotated or not, lm4 and lm4u, K tq3s, V lm2 and lm2u)",
                         codec.name()
                     ),
                 });
@@ -201,7 +201,14 @@ mod tests {
                 );
                 assert_eq!(c.bits_per_element(), bits, "{} D={d}", kind.name());
                 // same side both ways: only the symmetric GPU sides have a kernel
-                let gpu = matches!(kind, SideKind::Fp16 | SideKind::Int8 | SideKind::Int4);
+                let gpu = matches!(
+                    kind,
+                    SideKind::Fp16
+                        | SideKind::Int8
+                        | SideKind::Int4
+                        | SideKind::Lm4
+                        | SideKind::Lm4u
+                );
                 assert_eq!(c.gpu_kernel().is_some(), gpu, "{}", kind.name());
             }
             let choice = CodecChoice::Sides(CacheSection {
@@ -295,7 +302,14 @@ mod tests {
             ),
             (SideKind::Lm2, SideKind::Int4, true, None),
             (SideKind::Int4, SideKind::Tq3s, true, None),
-            (SideKind::Lm4, SideKind::Lm2u, true, None),
+            (SideKind::Lm4, SideKind::Lm2u, true, Some("k:lm4+v:lm2u")),
+            (
+                SideKind::Int4,
+                SideKind::Lm4u,
+                true,
+                Some("k:pt_int4r+v:lm4u"),
+            ),
+            (SideKind::Lm4, SideKind::Lm3, true, None),
         ];
         for (k, v, rotate, kernel) in want {
             assert_eq!(

@@ -32,6 +32,10 @@ pub enum SideKernel {
     Lm2,
     /// [`SideKernel::Lm2`] with the norm chosen so that ⟨x̂, x⟩ = ‖x‖² (same bytes to decode).
     Lm2u,
+    /// 4-bit Lloyd–Max index (sequential nibbles) and the vector's norm; K or V.
+    Lm4,
+    /// [`SideKernel::Lm4`] with the un-shrunk norm.
+    Lm4u,
 }
 
 impl SideKernel {
@@ -40,7 +44,11 @@ impl SideKernel {
         match self {
             SideKernel::Float => 16,
             SideKernel::PtInt8 | SideKernel::TmInt8 => 8,
-            SideKernel::PtInt4 | SideKernel::TmInt4 | SideKernel::Tq3s => 4,
+            SideKernel::PtInt4
+            | SideKernel::TmInt4
+            | SideKernel::Tq3s
+            | SideKernel::Lm4
+            | SideKernel::Lm4u => 4,
             SideKernel::Lm2 | SideKernel::Lm2u => 2,
         }
     }
@@ -49,14 +57,21 @@ impl SideKernel {
     pub fn meta_bytes(self) -> usize {
         match self {
             SideKernel::Float => 0,
-            SideKernel::Lm2 | SideKernel::Lm2u => 2,
+            SideKernel::Lm2 | SideKernel::Lm2u | SideKernel::Lm4 | SideKernel::Lm4u => 2,
             _ => 4,
         }
     }
 
     /// Lloyd–Max and TurboQuant sides live in the Hadamard domain by construction.
     fn always_rotated(self) -> bool {
-        matches!(self, SideKernel::Tq3s | SideKernel::Lm2 | SideKernel::Lm2u)
+        matches!(
+            self,
+            SideKernel::Tq3s
+                | SideKernel::Lm2
+                | SideKernel::Lm2u
+                | SideKernel::Lm4
+                | SideKernel::Lm4u
+        )
     }
 
     /// `SIDE_*` in the CUDA sources.
@@ -70,6 +85,8 @@ impl SideKernel {
             SideKernel::Tq3s => 5,
             SideKernel::Lm2 => 6,
             SideKernel::Lm2u => 7,
+            SideKernel::Lm4 => 8,
+            SideKernel::Lm4u => 9,
         }
     }
 }
@@ -83,7 +100,7 @@ pub struct GpuSide {
 }
 
 impl GpuSide {
-    const NAMES: [(&'static str, SideKernel, bool); 10] = [
+    const NAMES: [(&'static str, SideKernel, bool); 12] = [
         ("float", SideKernel::Float, false),
         ("pt_int8", SideKernel::PtInt8, false),
         ("pt_int8r", SideKernel::PtInt8, true),
@@ -94,6 +111,8 @@ impl GpuSide {
         ("tq3s", SideKernel::Tq3s, true),
         ("lm2", SideKernel::Lm2, true),
         ("lm2u", SideKernel::Lm2u, true),
+        ("lm4", SideKernel::Lm4, true),
+        ("lm4u", SideKernel::Lm4u, true),
     ];
 
     pub const fn plain(kind: SideKernel) -> Self {
@@ -168,12 +187,15 @@ impl GpuCodec {
     ];
 
     /// The separate-side (`[cache] k/v/rotate`) combinations the compile check builds besides
-    /// the built-ins: the rotated integer sides and the 2-bit V under rotated int4 K.
-    pub const SIDE_EXAMPLES: [&'static str; 4] = [
+    /// the built-ins: the rotated integer sides, the 2-bit V under rotated int4 K and the 4-bit
+    /// Lloyd–Max sides.
+    pub const SIDE_EXAMPLES: [&'static str; 6] = [
         "k:pt_int8r+v:pt_int8r",
         "k:pt_int8r+v:pt_int4r",
         "k:pt_int4r+v:pt_int4r",
         "k:pt_int4r+v:lm2u",
+        "k:lm4+v:lm4",
+        "k:lm4+v:lm2u",
     ];
 
     /// Every kernel family the compile check builds.
@@ -219,7 +241,7 @@ impl GpuCodec {
             .ok_or_else(|| {
                 KernelError::Unsupported(format!(
                     "codec \"{}\" has no GPU kernel (GPU codecs: policies 0, 8, 4, 42, and [cache] \
-                     sides fp16, int8, int4 (rotated or not), K tq3s, V lm2/lm2u)",
+                     sides fp16, int8, int4 (rotated or not), lm4/lm4u, K tq3s, V lm2/lm2u)",
                     codec.name()
                 ))
             })
@@ -430,7 +452,11 @@ impl Specialization {
             }
             SideKernel::PtInt4 => d % 2 == 0 && (!side.rotated || d.is_power_of_two()),
             SideKernel::TmInt4 => d % 8 == 0,
-            SideKernel::Tq3s | SideKernel::Lm2 | SideKernel::Lm2u => d.is_power_of_two() && d >= 4,
+            SideKernel::Tq3s
+            | SideKernel::Lm2
+            | SideKernel::Lm2u
+            | SideKernel::Lm4
+            | SideKernel::Lm4u => d.is_power_of_two() && d >= 4,
         };
         let ok = fits(self.codec.k, dk) && fits(self.codec.v, dv);
         if !ok {
@@ -614,7 +640,7 @@ mod tests {
         for c in GpuCodec::compile_set() {
             assert_eq!(GpuCodec::from_kernel_name(&c.kernel_name()), Some(c));
         }
-        assert_eq!(GpuCodec::compile_set().len(), 10);
+        assert_eq!(GpuCodec::compile_set().len(), 12);
         assert_eq!(
             GpuCodec::from_kernel_name("k:tq3s+v:lm2"),
             Some(GpuCodec::TURBO_QUANT)

@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use backend_pytorchlike::codecs::packing::{crumb_quarter_split, nibble_half_split};
+use backend_pytorchlike::codecs::packing::{crumb_quarter_split, nibble_half_split, unpack_bits};
 use backend_pytorchlike::PytorchBackend;
 use backend_turbomind::codecs::int4::unpack_group;
 use backend_turbomind::TurbomindBackend;
@@ -108,6 +108,8 @@ fn codec_of(kind: GpuCodec, d: usize, dtype: KvDtype) -> Arc<dyn KvCodec> {
                 SideKernel::Tq3s => SideKind::Tq3s,
                 SideKernel::Lm2 => SideKind::Lm2,
                 SideKernel::Lm2u => SideKind::Lm2u,
+                SideKernel::Lm4 => SideKind::Lm4,
+                SideKernel::Lm4u => SideKind::Lm4u,
                 other => panic!("no [cache] side for {other:?}"),
             };
             let section = CacheSection {
@@ -177,6 +179,9 @@ fn codes(kind: SideKernel, d: usize, bytes: &[u8]) -> Vec<u32> {
         SideKernel::Lm2 | SideKernel::Lm2u => (0..d)
             .map(|i| crumb_quarter_split(bytes, d, i) as u32)
             .collect(),
+        SideKernel::Lm4 | SideKernel::Lm4u => {
+            (0..d).map(|i| unpack_bits(bytes, 4, i) as u32).collect()
+        }
     }
 }
 
@@ -709,6 +714,7 @@ fn decode_matches_the_cpu_reference() {
             GpuCodec::TM_INT4,
             GpuCodec::TURBO_QUANT,
             int4r_lm2u,
+            GpuCodec::from_kernel_name("k:lm4+v:lm4").expect("a GPU codec"),
         ] {
             let c = case(kind, false, 128, KvDtype::F16, 1, kvh, 16);
             failures.extend(run_decode_case(&g, &c, heads, &[5, 33, 250], tolerance(&c)).1);

@@ -36,7 +36,8 @@ pub fn build_side(kind: SideKind, rotate: bool, dim: usize, dtype: KvDtype) -> A
 }
 
 /// The GPU kernel side of `kind` on the K side (`is_k`) or the V side, if one exists: the
-/// fp16 and integer sides (rotated or not), TurboQuant's 3-bit + sign K and the 2-bit V.
+/// fp16 and integer sides (rotated or not), TurboQuant's 3-bit + sign K, the 2-bit V and the
+/// 4-bit Lloyd–Max sides.
 fn gpu_side(kind: SideKind, rotate: bool, is_k: bool) -> Option<&'static str> {
     Some(match (kind, rotate, is_k) {
         (SideKind::Fp16, _, _) => "float",
@@ -47,6 +48,8 @@ fn gpu_side(kind: SideKind, rotate: bool, is_k: bool) -> Option<&'static str> {
         (SideKind::Tq3s, _, true) => "tq3s",
         (SideKind::Lm2, _, false) => "lm2",
         (SideKind::Lm2u, _, false) => "lm2u",
+        (SideKind::Lm4, _, _) => "lm4",
+        (SideKind::Lm4u, _, _) => "lm4u",
         _ => return None,
     })
 }

@@ -22,6 +22,8 @@ typedef unsigned long long u64;
 #define SIDE_TQ3S 5   // TurboQuant K: 3-bit Lloyd-Max + residual sign, (norm, residual norm)
 #define SIDE_LM2 6    // 2-bit Lloyd-Max, norm (policy 42's V)
 #define SIDE_LM2U 7   // 2-bit Lloyd-Max, norm with <x^, x> = |x|^2 (decodes as SIDE_LM2)
+#define SIDE_LM4 8    // 4-bit Lloyd-Max (sequential nibbles), norm
+#define SIDE_LM4U 9   // 4-bit Lloyd-Max, norm with <x^, x> = |x|^2 (decodes as SIDE_LM4)
 
 #ifndef KVQ_KS
 #define KVQ_KS SIDE_FLOAT
@@ -40,6 +42,8 @@ typedef unsigned long long u64;
 #define IS_INT8(s) ((s) == SIDE_PT8 || (s) == SIDE_TM8)
 #define IS_INT4(s) ((s) == SIDE_PT4 || (s) == SIDE_TM4)
 #define IS_LM2(s) ((s) == SIDE_LM2 || (s) == SIDE_LM2U)
+#define IS_LM4(s) ((s) == SIDE_LM4 || (s) == SIDE_LM4U)
+#define IS_LM(s) (IS_LM2(s) || IS_LM4(s))
 
 #ifndef KVQ_DTYPE
 #define KVQ_DTYPE 0
@@ -132,3 +136,12 @@ __constant__ float KVQ_C3[8] = {-2.1519456f, -1.3439093f, -0.7560052f, -0.245094
                                 0.2450942f,  0.7560052f,  1.3439093f,  2.1519456f};
 __constant__ float KVQ_B3[7] = {-1.7479274f, -1.0499573f, -0.5005497f, 0.0f,
                                 0.5005497f,  1.0499573f,  1.7479274f};
+// 4-bit: odd-symmetric, C4[15 - i] = -C4[i]; the decoder keeps the magnitudes C4[8..16).
+#define KVQ_C4_INIT                                                                                \
+    {-2.7325896f, -2.0690172f, -1.6180464f, -1.2562312f, -0.9423405f, -0.6567591f, -0.3880483f,   \
+     -0.128395f,  0.128395f,   0.3880483f,  0.6567591f,  0.9423405f,  1.2562312f,  1.6180464f,   \
+     2.0690172f,  2.7325896f}
+__constant__ float KVQ_C4[16] = KVQ_C4_INIT;
+__constant__ float KVQ_B4[15] = {-2.4008034f, -1.8435318f, -1.4371388f, -1.0992858f, -0.7995498f,
+                                 -0.5224037f, -0.2582217f, 0.0f,        0.2582217f,  0.5224037f,
+                                 0.7995498f,  1.0992858f,  1.4371388f,  1.8435318f,  2.4008034f};

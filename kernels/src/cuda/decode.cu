@@ -51,12 +51,12 @@
 #define VBITS 16
 #elif IS_INT8(KVQ_VS)
 #define VBITS 8
-#elif IS_INT4(KVQ_VS)
+#elif IS_INT4(KVQ_VS) || IS_LM4(KVQ_VS)
 #define VBITS 4
 #else
 #define VBITS 2
 #endif
-#if (KVQ_KS == SIDE_LM2 || KVQ_KS == SIDE_LM2U || KVQ_VS == SIDE_TQ3S)
+#if IS_LM2(KVQ_KS) || KVQ_VS == SIDE_TQ3S
 #error "no decode kernel for a 2-bit Lloyd-Max K or a TurboQuant V side"
 #endif
 
@@ -226,6 +226,8 @@ __device__ __forceinline__ void k_pair_dims(int tig, int p, int& d0, int& d1) {
     d0 = b + ((j & 1) ? KVQ_DK / 2 : 0); d1 = d0 + 2;
 #elif KVQ_KS == SIDE_TM4
     d0 = 2 * off + 2 * j; d1 = d0 + 1;
+#elif IS_LM4(KVQ_KS)
+    d0 = 2 * (off + j); d1 = d0 + 1;  // byte off + j: sequential nibbles
 #else
     d0 = off + j; d1 = d0 + KVQ_DK / 2;
 #endif
@@ -244,6 +246,9 @@ __device__ __forceinline__ int v_row_dim(int g, int m) {
 #elif KVQ_VS == SIDE_TM4
     const int sub = mt & 3;
     return 2 * v_word_off(g, mt >> 2) + ((sub & 1) ? 4 : 0) + ((sub & 2) ? 1 : 0) + 2 * r;
+#elif IS_LM4(KVQ_VS)
+    // byte mt % 4 of word mt / 4: low nibble -> row g, high nibble -> row g + 8
+    return 2 * (v_word_off(g, mt >> 2) + (mt & 3)) + r;
 #else
     // m-tile mt: field mt % 4 (bits 2f, 2f+1: dim byte + f D/4) of bytes 2 (mt / 4) + r
     return v_word_off(g, 0) + 2 * (mt >> 2) + r + (mt & 3) * (KVQ_DV / 4);
@@ -281,11 +286,71 @@ __device__ __forceinline__ bool k_pair_hi(int p) {
 #endif
 }
 
-#if KVQ_KS == SIDE_TQ3S
 // 8-entry f16 table as byte planes: lo[0], lo[1] = low bytes of entries 0-3, 4-7; hi likewise.
 struct Lut8 {
     u32 lo0, lo1, hi0, hi1;
 };
+__device__ __forceinline__ Lut8 lut8_of(const float* c) {
+    Lut8 t = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const u16 hb = f32_to_f16(c[i]);
+        const int sh = 8 * (i & 3);
+        if (i < 4) {
+            t.lo0 |= (u32)(hb & 0xFF) << sh;
+            t.hi0 |= (u32)(hb >> 8) << sh;
+        } else {
+            t.lo1 |= (u32)(hb & 0xFF) << sh;
+            t.hi1 |= (u32)(hb >> 8) << sh;
+        }
+    }
+    return t;
+}
+
+#if IS_LM4(KVQ_KS) || IS_LM4(KVQ_VS)
+// 4-bit Lloyd-Max codes n of an odd codebook: C4[n] = M[n - 8] for n >= 8, -M[7 - n] below,
+// so a nibble's magnitude index is n & 7, complemented when bit 3 is clear, and bit 3 its sign.
+// Magnitude indices of every nibble of x (bit 3 of each cleared).
+__device__ __forceinline__ u32 lm4_mag(u32 x) {
+    const u32 neg = ((x >> 3) & 0x11111111u) ^ 0x11111111u;  // 1 where bit 3 is clear
+    return (x ^ (neg * 7u)) & 0x77777777u;
+}
+// f16 pair p signed by bits 15 and 31 of sg (the codes' bit 3): a clear bit negates that
+// half, p ^ (~sg & 0x80008000) in one LOP3.
+__device__ __forceinline__ u32 lm4_sign(u32 p, u32 sg) {
+    u32 r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xc6;" : "=r"(r) : "r"(sg), "r"(p), "n"(0x80008000u));
+    return r;
+}
+#endif
+
+#if IS_LM4(KVQ_KS)
+// The 8 K elements of word x (sequential nibbles): pair j = byte j (low nibble -> low half).
+__device__ __forceinline__ void lm4_k_word(u32 x, const Lut8& L, u32* c) {
+    const u32 m = lm4_mag(x);
+    const u32 sa = m & 0x7777u, sb = (m >> 16) & 0x7777u;
+    const u32 la = __byte_perm(L.lo0, L.lo1, sa), ha = __byte_perm(L.hi0, L.hi1, sa);
+    const u32 lb = __byte_perm(L.lo0, L.lo1, sb), hb = __byte_perm(L.hi0, L.hi1, sb);
+    const u32 y = x << 4;
+    c[0] = lm4_sign(__byte_perm(la, ha, 0x5140), __byte_perm(x, y, 0x0040u));
+    c[1] = lm4_sign(__byte_perm(la, ha, 0x7362), __byte_perm(x, y, 0x1151u));
+    c[2] = lm4_sign(__byte_perm(lb, hb, 0x5140), __byte_perm(x, y, 0x2262u));
+    c[3] = lm4_sign(__byte_perm(lb, hb, 0x7362), __byte_perm(x, y, 0x3373u));
+}
+#endif
+
+#if IS_LM4(KVQ_VS)
+// Byte k of tokens t0 (byte 0 of u) and t1 (byte 1): low nibbles -> {t0, t1} pair `lo`, high
+// nibbles -> pair `hi`.
+__device__ __forceinline__ void lm4_v_pair(u32 u, const Lut8& L, u32& lo, u32& hi) {
+    const u32 m = lm4_mag(u) & 0x7777u;
+    const u32 la = __byte_perm(L.lo0, L.lo1, m), ha = __byte_perm(L.hi0, L.hi1, m);
+    lo = lm4_sign(__byte_perm(la, ha, 0x6240), __byte_perm(u, u << 4, 0x5040u));
+    hi = lm4_sign(__byte_perm(la, ha, 0x7351), __byte_perm(u, u, 0x1000u));
+}
+#endif
+
+#if KVQ_KS == SIDE_TQ3S
 // The 8 K elements of word x (pair j = byte j: low nibble -> low half, high nibble -> high half)
 // as centroid pairs c[j] and residual-sign pairs s[j] (+-1; bit 3 of a nibble set = positive).
 // Four elements per table lookup: the nibbles' low 3 bits are prmt selectors.
@@ -393,7 +458,10 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
                         for (int w = 0; w < KP / 4; ++w) T.kr[ti][r][i * (KP / 4) + w] = 0u;
                     }
                 }
-#if KVQ_KS != SIDE_FLOAT
+#if IS_LM4(KVQ_KS)
+                const u8* km = bp + (km_off[r] + off0 * kmts);
+                T.kmeta[ti][r] = live ? (u32)__ldg((const unsigned short*)km) : 0u;
+#elif KVQ_KS != SIDE_FLOAT
                 const u8* km = bp + (km_off[r] + off0 * kmts);
                 T.kmeta[ti][r] = live ? __ldg((const unsigned int*)km) : 0u;
 #else
@@ -403,7 +471,7 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
                 const u8* vm = bp + (vm_off[r] + off0 * vmts);
                 // a masked token's V metadata is zero: its weight is 0 * 0, never 0 * NaN
                 const bool ok = T.kval[ti][r];
-#if IS_LM2(KVQ_VS)
+#if IS_LM(KVQ_VS)
                 T.vmeta[ti][r] = ok ? (u32)__ldg((const unsigned short*)vm) : 0u;
 #else
                 T.vmeta[ti][r] = ok ? __ldg((const unsigned int*)vm) : 0u;
@@ -529,20 +597,18 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
 #if KVQ_KS == SIDE_TQ3S
     const float c3[8] = {-2.1519456f, -1.3439093f, -0.7560052f, -0.2450942f,
                          0.2450942f,  0.7560052f,  1.3439093f,  2.1519456f};
-    Lut8 kc = {0u, 0u, 0u, 0u};
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        const u16 hb = f32_to_f16(c3[i]);
-        const int sh = 8 * (i & 3);
-        if (i < 4) {
-            kc.lo0 |= (u32)(hb & 0xFF) << sh;
-            kc.hi0 |= (u32)(hb >> 8) << sh;
-        } else {
-            kc.lo1 |= (u32)(hb & 0xFF) << sh;
-            kc.hi1 |= (u32)(hb >> 8) << sh;
-        }
-    }
+    const Lut8 kc = lut8_of(c3);
     const float sigma_k = (float)(1.0 / sqrt((double)KVQ_DK));
+#endif
+#if IS_LM4(KVQ_KS) || IS_LM4(KVQ_VS)
+    const float c4[16] = KVQ_C4_INIT;
+    const Lut8 m4 = lut8_of(c4 + 8);  // the magnitudes
+#endif
+#if IS_LM4(KVQ_KS)
+    const float sigma_k = (float)(1.0 / sqrt((double)KVQ_DK));
+#endif
+#if IS_LM4(KVQ_VS)
+    const float sigma_v = (float)(1.0 / sqrt((double)KVQ_DV));
 #endif
 #if IS_LM2(KVQ_VS)
     const float c2[4] = {-1.5104176f, -0.4527808f, 0.4527808f, 1.5104176f};
@@ -588,6 +654,18 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
                     mma16816(acc_s, s0[2 * h], s1[2 * h], s0[2 * h + 1], s1[2 * h + 1], bq[kk][0], bq[kk][1]);
                 }
             }
+#elif IS_LM4(KVQ_KS)
+#pragma unroll
+            for (int wi = 0; wi < KW; ++wi) {
+                u32 c0[4], c1[4];
+                lm4_k_word(T.kr[ti][0][wi], m4, c0);
+                lm4_k_word(T.kr[ti][1][wi], m4, c1);
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int kk = 2 * wi + h;
+                    mma16816(acc, c0[2 * h], c1[2 * h], c0[2 * h + 1], c1[2 * h + 1], bq[kk][0], bq[kk][1]);
+                }
+            }
 #else
 #pragma unroll
             for (int kk = 0; kk < KT; ++kk) {
@@ -616,6 +694,9 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
 #elif IS_TM(KVQ_KS)
                     // scale q.c + min sum q; raw = q.c + K_OFF
                     float s = m0 * (raw - koff[hh]) + m1 * qsum[hh];
+#elif IS_LM4(KVQ_KS)
+                    float s = m0 * (sigma_k * raw);  // norm . sigma . q.C4[i]
+                    (void)m1;
 #else
                     float s = m0 * (sigma_k * raw + m1 * acc_s[2 * r + hh]);
 #endif
@@ -731,6 +812,13 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
                 const u32 u01 = __byte_perm(v0[wi], v1[wi], sel), u89 = __byte_perm(v8[wi], v9[wi], sel);
                 const u32 a0 = nib_lo(u01), a1 = nib_hi(u01);
                 const u32 a2 = nib_lo(u89), a3 = nib_hi(u89);
+#elif IS_LM4(KVQ_VS)
+                // byte k of tokens (t0, t1) at bytes 0 and 1: low nibble -> row g, high -> row g+8
+                const int wi = mt >> 2, k = mt & 3;
+                const u32 sel = (u32)k | ((u32)(k + 4) << 4);
+                u32 a0, a1, a2, a3;
+                lm4_v_pair(__byte_perm(v0[wi], v1[wi], sel), m4, a0, a1);
+                lm4_v_pair(__byte_perm(v8[wi], v9[wi], sel), m4, a2, a3);
 #else
                 // field f = mt % 4 of bytes (2 ub, 2 ub + 1), ub = mt / 4: rows g and g + 8
                 const int ub = mt >> 2, f = mt & 3;
@@ -776,7 +864,7 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
                     val -= c;
 #elif IS_TM(KVQ_VS)
                     val += c;
-#elif IS_LM2(KVQ_VS)
+#elif IS_LM(KVQ_VS)
                     val *= sigma_v;
                     (void)c;
 #else

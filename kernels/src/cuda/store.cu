@@ -154,30 +154,37 @@ __device__ void enc_tq_k(const float* x, u8* data, u8* meta, float* y, u8* codes
     }
 }
 
-// 2-bit Lloyd-Max side. UNSHRINK (lm2u): store n / <u, c^> instead of n, so that the decoded
-// vector's projection on the input is the input's norm (turbo_quant.rs `unshrunk_norm`).
-template <int D, bool UNSHRINK>
-__device__ void enc_lm2(const float* x, u8* data, u8* meta, float* y, u8* codes, int lane) {
+// BITS-bit Lloyd-Max side (2: policy 42's V, quarter-split crumbs; 4: sequential nibbles as
+// packing.rs `pack_bits`). UNSHRINK (lm2u, lm4u): store n / <u, c^> instead of n, so that the
+// decoded vector's projection on the input is the input's norm (turbo_quant.rs `unshrunk_norm`).
+template <int D, int BITS, bool UNSHRINK>
+__device__ void enc_lm(const float* x, u8* data, u8* meta, float* y, u8* codes, int lane) {
     rotate_to_t<D>(x, y, lane);
     double n = tq_norm<D>(y, lane);
     const float sigma = (float)(1.0 / sqrt((double)D));
+    const float* bounds = BITS == 2 ? KVQ_B2 : KVQ_B4;
+    const float* cents = BITS == 2 ? KVQ_C2 : KVQ_C4;
     double proj = 0.0;
     for (int i = lane; i < D; i += 32) {
         float u = (float)((double)sanitize(y[i]) / n);
         u32 idx = 0;
 #pragma unroll
-        for (int k = 0; k < 3; ++k) idx += u > __fmul_rn(KVQ_B2[k], sigma) ? 1u : 0u;
+        for (int k = 0; k < (1 << BITS) - 1; ++k) idx += u > __fmul_rn(bounds[k], sigma) ? 1u : 0u;
         codes[i] = (u8)idx;
-        proj += (double)u * (double)__fmul_rn(KVQ_C2[idx], sigma);
+        proj += (double)u * (double)__fmul_rn(cents[idx], sigma);
     }
     if (UNSHRINK) {
         proj = warp_sum_d(proj);
         if (proj > 1e-3) n = n / proj;
     }
     __syncwarp();
-    const int q = D / 4;
-    for (int j = lane; j < q; j += 32)
-        data[j] = (u8)(codes[j] | (codes[j + q] << 2) | (codes[j + 2 * q] << 4) | (codes[j + 3 * q] << 6));
+    if (BITS == 2) {
+        const int q = D / 4;
+        for (int j = lane; j < q; j += 32)
+            data[j] = (u8)(codes[j] | (codes[j + q] << 2) | (codes[j + 2 * q] << 4) | (codes[j + 3 * q] << 6));
+    } else {
+        for (int j = lane; j < D / 2; j += 32) data[j] = (u8)(codes[2 * j] | (codes[2 * j + 1] << 4));
+    }
     if (lane == 0) ((u16*)meta)[0] = t_store(t_round_sat((float)n));
 }
 
@@ -185,7 +192,7 @@ __device__ void enc_lm2(const float* x, u8* data, u8* meta, float* y, u8* codes,
 // rotate themselves).
 template <int D, int S, int ROT>
 __device__ void encode_side(const float* x, u8* data, u8* meta, float* y, u8* codes, int lane) {
-    if constexpr (ROT && S != SIDE_TQ3S && !IS_LM2(S)) {
+    if constexpr (ROT && S != SIDE_TQ3S && !IS_LM(S)) {
         rotate_to_t<D>(x, y, lane);
         x = y;
     }
@@ -195,8 +202,10 @@ __device__ void encode_side(const float* x, u8* data, u8* meta, float* y, u8* co
     else if constexpr (S == SIDE_TM8) enc_tm<D, 8>(x, data, meta, codes, lane);
     else if constexpr (S == SIDE_TM4) enc_tm<D, 4>(x, data, meta, codes, lane);
     else if constexpr (S == SIDE_TQ3S) enc_tq_k<D>(x, data, meta, y, codes, lane);
-    else if constexpr (S == SIDE_LM2) enc_lm2<D, false>(x, data, meta, y, codes, lane);
-    else enc_lm2<D, true>(x, data, meta, y, codes, lane);
+    else if constexpr (S == SIDE_LM2) enc_lm<D, 2, false>(x, data, meta, y, codes, lane);
+    else if constexpr (S == SIDE_LM2U) enc_lm<D, 2, true>(x, data, meta, y, codes, lane);
+    else if constexpr (S == SIDE_LM4) enc_lm<D, 4, false>(x, data, meta, y, codes, lane);
+    else enc_lm<D, 4, true>(x, data, meta, y, codes, lane);
 }
 
 // k: [num_tokens, num_kv_heads, KVQ_DK] f32, v: [num_tokens, num_kv_heads, KVQ_DV] f32,
