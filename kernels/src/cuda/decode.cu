@@ -204,6 +204,31 @@ __device__ __forceinline__ void load_piece(const u8* src, u32* dst) {
     }
 }
 
+// N pieces of P bytes of a row, STEP bytes apart, into dst (zeros when !live).
+template <int P, int N, int STEP>
+__device__ __forceinline__ void load_row(const u8* row, bool live, u32* dst) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        if (live) {
+            load_piece<P>(row + STEP * i, dst + i * (P / 4));
+        } else {
+#pragma unroll
+            for (int w = 0; w < P / 4; ++w) dst[i * (P / 4) + w] = 0u;
+        }
+    }
+}
+
+// One side's metadata of a token: BYTES = 4 (two values), 2 (a norm) or 0 (a float side);
+// zero when !ok.
+#define KMETA_BYTES (KVQ_KS == SIDE_FLOAT ? 0 : (IS_LM4(KVQ_KS) ? 2 : 4))
+#define VMETA_BYTES (KVQ_VS == SIDE_FLOAT ? 0 : (IS_LM(KVQ_VS) ? 2 : 4))
+template <int BYTES>
+__device__ __forceinline__ u32 load_meta(const u8* p, bool ok) {
+    if constexpr (BYTES == 4) return ok ? __ldg((const unsigned int*)p) : 0u;
+    else if constexpr (BYTES == 2) return ok ? (u32)__ldg((const unsigned short*)p) : 0u;
+    else return 0u;
+}
+
 // Byte offset inside a row of a lane's word `wi` (K: lane tig of 4, V: lane g of 8).
 __device__ __forceinline__ int k_word_off(int tig, int wi) {
     return KP * (tig + 4 * (wi / (KP / 4))) + 4 * (wi % (KP / 4));
@@ -448,52 +473,17 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 T.kval[ti][r] = live && (tt + g + 8 * r < t_end);
-                const u8* row = bp + (k_off[r] + off0 * kts);
-#pragma unroll
-                for (int i = 0; i < KB / KP; ++i) {
-                    if (live) {
-                        load_piece<KP>(row + 4 * KP * i, &T.kr[ti][r][i * (KP / 4)]);
-                    } else {
-#pragma unroll
-                        for (int w = 0; w < KP / 4; ++w) T.kr[ti][r][i * (KP / 4) + w] = 0u;
-                    }
-                }
-#if IS_LM4(KVQ_KS)
-                const u8* km = bp + (km_off[r] + off0 * kmts);
-                T.kmeta[ti][r] = live ? (u32)__ldg((const unsigned short*)km) : 0u;
-#elif KVQ_KS != SIDE_FLOAT
-                const u8* km = bp + (km_off[r] + off0 * kmts);
-                T.kmeta[ti][r] = live ? __ldg((const unsigned int*)km) : 0u;
-#else
-                T.kmeta[ti][r] = 0u;
-#endif
-#if KVQ_VS != SIDE_FLOAT
-                const u8* vm = bp + (vm_off[r] + off0 * vmts);
+                load_row<KP, KB / KP, 4 * KP>(bp + (k_off[r] + off0 * kts), live, T.kr[ti][r]);
+                T.kmeta[ti][r] = load_meta<KMETA_BYTES>(bp + (km_off[r] + off0 * kmts), live);
                 // a masked token's V metadata is zero: its weight is 0 * 0, never 0 * NaN
-                const bool ok = T.kval[ti][r];
-#if IS_LM(KVQ_VS)
-                T.vmeta[ti][r] = ok ? (u32)__ldg((const unsigned short*)vm) : 0u;
-#else
-                T.vmeta[ti][r] = ok ? __ldg((const unsigned int*)vm) : 0u;
-#endif
-#else
-                T.vmeta[ti][r] = 0u;
-#endif
+                T.vmeta[ti][r] = load_meta<VMETA_BYTES>(bp + (vm_off[r] + off0 * vmts), T.kval[ti][r]);
             }
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 const bool ok = live && (tt + tv[r] < t_end);
                 const u8* row = bp + (v_off[r] + off0 * vts);
                 if constexpr (VP >= 4) {
-#pragma unroll
-                    for (int i = 0; i < VB / VP; ++i) {
-                        if (live) {
-                            load_piece<VP>(row + 8 * VP * i, &T.vr[ti][r][i * (VP / 4)]);
-                        } else {
-#pragma unroll
-                            for (int w = 0; w < VP / 4; ++w) T.vr[ti][r][i * (VP / 4) + w] = 0u;
-                        }
-                    }
+                    load_row<VP, VB / VP, 8 * VP>(row, live, T.vr[ti][r]);
                 } else {
                     T.vr[ti][r][0] = live ? (u32)__ldg((const unsigned short*)row) : 0u;
                 }
