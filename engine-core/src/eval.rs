@@ -29,14 +29,20 @@ pub struct EvalRow {
     /// Fraction of positions whose most likely token equals the reference's.
     pub top1_agreement: f64,
     pub positions: usize,
+    /// Recent-window study: each position's last this many tokens were read exactly (0: off).
+    /// Their exact copies are not in `bits_per_element`.
+    pub exact_window: usize,
 }
 
 /// Logits of every position of `tokens` under `cfg` (`[n, vocab]`), on the device `cfg`
-/// names (`auto` is the CPU).
+/// names (`auto` is the CPU). `exact_window > 0` runs the recent-window study (CPU only):
+/// attention reads each position's last `exact_window` tokens exactly
+/// ([`crate::cache::ExactWindow`]).
 pub fn window_logits(
     model: &LlamaModel,
     cfg: &EngineConfig,
     tokens: &[u32],
+    exact_window: usize,
 ) -> Result<(ResolvedConfig, Vec<f32>), KvqError> {
     cfg.check_tp_runs()?;
     let resolved = ResolvedConfig::new(&model.spec, cfg)?;
@@ -53,12 +59,18 @@ pub fn window_logits(
     let logits = match cfg.device()? {
         DeviceChoice::Auto | DeviceChoice::Cpu => {
             let mut cache = resolved.new_cache(blocks);
+            cache.keep_exact_window(exact_window);
             model.forward(
                 resolved.backend.as_ref(),
                 &mut cache,
                 &[seq],
                 LogitsFor::AllTokens,
             )?
+        }
+        DeviceChoice::Cuda(_) if exact_window > 0 => {
+            return Err(KvqError::InvalidArgument(
+                "the exact-window study runs on the CPU attention; use device = \"cpu\"".into(),
+            ))
         }
         DeviceChoice::Cuda(ordinal) => {
             let build = device_runner_factory("cuda").ok_or_else(|| KvqError::Device {
@@ -130,16 +142,19 @@ pub fn compare(
         p99_kld: p99,
         top1_agreement: agree as f64 / n as f64,
         positions: n,
+        exact_window: 0,
     }
 }
 
 /// Evaluates every config in `configs` against `reference` (normally the fp16 cache) on
-/// `tokens`; `on_row` sees each result as it is ready. The reference itself is the first row.
+/// `tokens`; `on_row` sees each result as it is ready. The reference itself is the first row;
+/// `exact_window` applies to the configs, not to the reference (see [`window_logits`]).
 pub fn evaluate(
     model: &LlamaModel,
     reference: &EngineConfig,
     configs: &[EngineConfig],
     tokens: &[u32],
+    exact_window: usize,
     on_row: &mut dyn FnMut(&EvalRow),
 ) -> Result<Vec<EvalRow>, KvqError> {
     if tokens.len() < 2 {
@@ -147,7 +162,7 @@ pub fn evaluate(
             "evaluation needs at least 2 tokens".into(),
         ));
     }
-    let (ref_resolved, ref_logits) = window_logits(model, reference, tokens)?;
+    let (ref_resolved, ref_logits) = window_logits(model, reference, tokens, 0)?;
     let vocab = ref_logits.len() / tokens.len();
     // Reference log-probabilities in f32: 4 bytes per entry keeps a 2k-token window < 0.5 GB.
     let ref_lp: Vec<Vec<f32>> = ref_logits
@@ -157,8 +172,11 @@ pub fn evaluate(
     let mut rows = vec![compare(&ref_resolved, &ref_lp, &ref_logits, tokens)];
     on_row(&rows[0]);
     for cfg in configs {
-        let (resolved, logits) = window_logits(model, cfg, tokens)?;
-        let row = compare(&resolved, &ref_lp, &logits, tokens);
+        let (resolved, logits) = window_logits(model, cfg, tokens, exact_window)?;
+        let row = EvalRow {
+            exact_window,
+            ..compare(&resolved, &ref_lp, &logits, tokens)
+        };
         on_row(&row);
         rows.push(row);
     }

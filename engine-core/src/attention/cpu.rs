@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use crate::ops::simd::{Lanes, Portable};
 
-use crate::cache::{BlockTable, PagedKvCache};
+use crate::cache::{BlockTable, ExactWindow, PagedKvCache};
 use crate::error::KvqError;
 
 /// One sequence's part of a batch.
@@ -309,6 +309,7 @@ fn attend_task<L: Lanes>(
     let mut kt = vec![0f32; TILE * dk];
     let mut vt = vec![0f32; TILE * dv];
     let mut s = [0f32; TILE];
+    let mut exact = (Vec::new(), Vec::new());
     let block_size = cache.block_size();
     // No row of the task sees past its last position.
     let end = t.tokens.end.min(first_pos + t.rows.end);
@@ -332,8 +333,23 @@ fn attend_task<L: Lanes>(
             }
             let cnt = (pos + 1).min(t1) - t0;
             let s = &mut s[..cnt];
+            let (kr, vr) = match cache.exact_window() {
+                Some(x) if pos + 1 < t0 + cnt + x.window() => {
+                    let tile = (t0, cnt, pos);
+                    exact_tail(
+                        x,
+                        (layer, g.kvh),
+                        seq,
+                        block_size,
+                        tile,
+                        (&kt, &vt),
+                        &mut exact,
+                    )
+                }
+                _ => (&kt[..cnt * dk], &vt[..cnt * dv]),
+            };
             // SAFETY: `L`'s features are enabled here (see `attend_task_avx2`).
-            unsafe { L::dots(q_row(r), &kt[..cnt * dk], s) };
+            unsafe { L::dots(q_row(r), kr, s) };
             let tile_max = unsafe { L::max(s) };
             let m_new = m[r].max(tile_max);
             let correction = if m[r] == f32::NEG_INFINITY {
@@ -343,14 +359,37 @@ fn attend_task<L: Lanes>(
             };
             let sum = unsafe { L::exp_sub_sum(s, m_new) };
             l[r] = l[r] * correction + sum;
-            unsafe {
-                L::scale_accumulate(&mut acc[r * dv..][..dv], correction, s, &vt[..cnt * dv])
-            };
+            unsafe { L::scale_accumulate(&mut acc[r * dv..][..dv], correction, s, vr) };
             m[r] = m_new;
         }
         t0 = t1;
     }
     Partial { m, l, acc }
+}
+
+/// The recent-window study: the `cnt` decoded tokens from `t0` that the row at `pos` sees, with
+/// those in `(pos - window, pos]` replaced by their exact copies (`buf` holds the result).
+fn exact_tail<'a>(
+    x: &ExactWindow,
+    (layer, kvh): (usize, usize),
+    seq: &SeqSlice<'_>,
+    block_size: usize,
+    (t0, cnt, pos): (usize, usize, usize),
+    (kt, vt): (&[f32], &[f32]),
+    buf: &'a mut (Vec<f32>, Vec<f32>),
+) -> (&'a [f32], &'a [f32]) {
+    let (dk, dv) = (kt.len() / TILE, vt.len() / TILE);
+    buf.0.clear();
+    buf.0.extend_from_slice(&kt[..cnt * dk]);
+    buf.1.clear();
+    buf.1.extend_from_slice(&vt[..cnt * dv]);
+    for tok in (pos + 1).saturating_sub(x.window()).max(t0)..t0 + cnt {
+        let slot = seq.block_table.slot(tok, block_size);
+        let j = tok - t0;
+        buf.0[j * dk..][..dk].copy_from_slice(x.k_at(layer, slot, kvh));
+        buf.1[j * dv..][..dv].copy_from_slice(x.v_at(layer, slot, kvh));
+    }
+    (&buf.0[..], &buf.1[..])
 }
 
 #[cfg(test)]
@@ -377,10 +416,23 @@ mod tests {
 
     fn setup(seed: u64, lens: &[usize], kv_heads: usize, dk: usize, dv: usize) -> Setup {
         let codec: Arc<dyn KvCodec> = Arc::new(float_codec(dk, dv, KvDtype::F32));
+        setup_with(seed, lens, kv_heads, codec, 0)
+    }
+
+    /// [`setup`] with any codec, and the exact-window study on when `exact_window > 0`.
+    fn setup_with(
+        seed: u64,
+        lens: &[usize],
+        kv_heads: usize,
+        codec: Arc<dyn KvCodec>,
+        exact_window: usize,
+    ) -> Setup {
+        let (dk, dv) = (codec.head_dim_k(), codec.head_dim_v());
         let blocks: usize = lens.iter().map(|&n| n.div_ceil(BLOCK)).sum::<usize>() + 2;
         let layout =
             CacheLayout::token_major(codec.k_bytes(), codec.v_bytes(), 2, kv_heads, BLOCK, 64);
         let mut cache = PagedKvCache::new(layout, codec, blocks);
+        cache.keep_exact_window(exact_window);
         let mut pool = BlockPool::new(blocks);
         let mut r = rng(seed);
         let (mut tables, mut ks, mut vs) = (vec![], vec![], vec![]);
@@ -468,6 +520,71 @@ mod tests {
                     "avx2 {avx2:?}: output {i}: {g} vs {w} (seed {seed})"
                 );
             }
+        }
+    }
+
+    /// The recent-window study: with a window covering the context, attention over a lossy
+    /// cache (f16, plain and Hadamard-rotated) reads every token exactly and matches dense
+    /// attention over the exact K/V; without the window the cache's rounding shows.
+    #[test]
+    fn exact_window_reads_recent_tokens_exactly() {
+        use crate::codec::{FloatSide, KvPair, Rotated};
+        let seed = fresh_seed("cpu attention exact window");
+        let (heads, kv_heads, d, tokens, q_rows) = (6, 2, 64, SPLIT + 45, 40);
+        let f16 = || FloatSide {
+            dim: d,
+            dtype: KvDtype::F16,
+        };
+        let rotated = || Rotated {
+            inner: f16(),
+            dtype: KvDtype::F16,
+        };
+        let codecs: [Arc<dyn KvCodec>; 2] = [
+            Arc::new(KvPair::new("f16", None, Arc::new(f16()), Arc::new(f16()))),
+            Arc::new(KvPair::new(
+                "f16r",
+                None,
+                Arc::new(rotated()),
+                Arc::new(rotated()),
+            )),
+        ];
+        for codec in codecs {
+            let name = codec.name().to_string();
+            let mut worst = [0f32; 2];
+            for (i, window) in [0, tokens].into_iter().enumerate() {
+                let st = setup_with(seed, &[tokens], kv_heads, codec.clone(), window);
+                let q: Vec<f32> = gaussian(&mut rng(seed ^ 1), q_rows * heads * d)
+                    .iter()
+                    .map(|x| 4.0 * x)
+                    .collect();
+                let p = AttentionProblem {
+                    heads,
+                    kv_heads,
+                    tokens,
+                    block_size: BLOCK,
+                    q: q.clone(),
+                    k: st.k[0].clone(),
+                    v: st.v[0].clone(),
+                    q_rows,
+                };
+                let want = p.dense_reference(&st.k[0], &st.v[0], d, d);
+                let got = run(&st, &[(0, q_rows)], &q, heads, d, None);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(g.is_finite(), "{name}: output {g}");
+                    worst[i] = worst[i].max((g - w).abs() / (1.0 + w.abs()));
+                }
+            }
+            assert!(
+                worst[1] <= 2e-5,
+                "{name}: exact window off by {} (seed {seed})",
+                worst[1]
+            );
+            assert!(
+                worst[0] > 10.0 * worst[1],
+                "{name}: the f16 cache alone is as close ({} vs {}): the study tests nothing",
+                worst[0],
+                worst[1]
+            );
         }
     }
 
