@@ -64,6 +64,10 @@ pub struct EngineSection {
     pub session_len: usize,
     /// Tensor-parallel degree.
     pub tp: usize,
+    /// Each sequence's most recent tokens kept at the model dtype next to the quantized cache:
+    /// every position reads its last `recent_window` tokens from there instead of through the
+    /// codec (the previous tokens carry most of a low-bit codec's loss). 0 turns it off; CPU.
+    pub recent_window: usize,
 }
 
 impl Default for EngineSection {
@@ -79,9 +83,13 @@ impl Default for EngineSection {
             max_batch_size: 128,
             session_len: 8192,
             tp: 1,
+            recent_window: 0,
         }
     }
 }
+
+/// Largest `engine.recent_window`.
+pub const MAX_RECENT_WINDOW: usize = 256;
 
 /// `[speculative]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -322,6 +330,27 @@ impl EngineConfig {
                 e.quant_policy
             )));
         }
+        if e.recent_window > MAX_RECENT_WINDOW {
+            return Err(out_of_range(
+                "engine.recent_window",
+                e.recent_window.to_string(),
+                &format!("must be at most {MAX_RECENT_WINDOW} tokens"),
+            ));
+        }
+        if e.recent_window > 0 {
+            let refuse = |why: &str| {
+                Err(ConfigError::Parse(format!(
+                    "engine.recent_window = {} {why}",
+                    e.recent_window
+                )))
+            };
+            if matches!(self.device()?, DeviceChoice::Cuda(_)) {
+                return refuse("runs on the CPU attention only; use device = \"cpu\"");
+            }
+            if self.speculative.is_some() {
+                return refuse("cannot be combined with speculative decoding yet");
+            }
+        }
         if let Some(s) = &self.speculative {
             if s.method != "ngram" {
                 return Err(out_of_range(
@@ -458,6 +487,8 @@ num_speculative_tokens = 4
             ("block_size = 48", "power of two"),
             ("tp = 0", "at least 1"),
             ("device = \"tpu\"", "cuda:N"),
+            ("recent_window = 257", "at most 256"),
+            ("recent_window = 4\ndevice = \"cuda\"", "CPU attention only"),
         ];
         for (line, needle) in cases {
             let err = EngineConfig::from_toml_str(&format!("[engine]\n{line}\n"))
@@ -466,6 +497,18 @@ num_speculative_tokens = 4
             assert!(err.contains(needle), "{line}: {err}");
         }
         assert!(EngineConfig::from_toml_str("[engine]\ncache_max_entry_count = 1.0\n").is_ok());
+    }
+
+    #[test]
+    fn recent_window_is_refused_with_speculative_decoding() {
+        let ok = EngineConfig::from_toml_str("[engine]\nrecent_window = 4\n").unwrap();
+        assert_eq!(ok.engine.recent_window, 4);
+        let err = EngineConfig::from_toml_str(
+            "[engine]\nrecent_window = 4\n[speculative]\nmethod = \"ngram\"\nnum_speculative_tokens = 2\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("speculative"), "{err}");
     }
 
     #[test]

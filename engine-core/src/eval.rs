@@ -29,20 +29,14 @@ pub struct EvalRow {
     /// Fraction of positions whose most likely token equals the reference's.
     pub top1_agreement: f64,
     pub positions: usize,
-    /// Recent-window study: each position's last this many tokens were read exactly (0: off).
-    /// Their exact copies are not in `bits_per_element`.
-    pub exact_window: usize,
 }
 
 /// Logits of every position of `tokens` under `cfg` (`[n, vocab]`), on the device `cfg`
-/// names (`auto` is the CPU). `exact_window > 0` runs the recent-window study (CPU only):
-/// attention reads each position's last `exact_window` tokens exactly
-/// ([`crate::cache::ExactWindow`]).
+/// names (`auto` is the CPU).
 pub fn window_logits(
     model: &LlamaModel,
     cfg: &EngineConfig,
     tokens: &[u32],
-    exact_window: usize,
 ) -> Result<(ResolvedConfig, Vec<f32>), KvqError> {
     cfg.check_tp_runs()?;
     let resolved = ResolvedConfig::new(&model.spec, cfg)?;
@@ -51,26 +45,22 @@ pub fn window_logits(
     let mut pool = BlockPool::new(blocks);
     let mut table = BlockTable::default();
     table.reserve(&mut pool, tokens.len(), block)?;
+    let window = resolved.new_recent_window().map(std::sync::Mutex::new);
     let seq = SeqInput {
         tokens,
         start_pos: 0,
         block_table: &table,
+        window: window.as_ref(),
     };
     let logits = match cfg.device()? {
         DeviceChoice::Auto | DeviceChoice::Cpu => {
             let mut cache = resolved.new_cache(blocks);
-            cache.keep_exact_window(exact_window);
             model.forward(
                 resolved.backend.as_ref(),
                 &mut cache,
                 &[seq],
                 LogitsFor::AllTokens,
             )?
-        }
-        DeviceChoice::Cuda(_) if exact_window > 0 => {
-            return Err(KvqError::InvalidArgument(
-                "the exact-window study runs on the CPU attention; use device = \"cpu\"".into(),
-            ))
         }
         DeviceChoice::Cuda(ordinal) => {
             let build = device_runner_factory("cuda").ok_or_else(|| KvqError::Device {
@@ -135,26 +125,24 @@ pub fn compare(
         backend: resolved.backend.name().to_string(),
         codec: resolved.codec_name(),
         policy: resolved.codec.policy(),
-        bits_per_element: resolved.bits_per_element(),
+        // the recent window's tokens at the dtype, counted at this context
+        bits_per_element: resolved.bits_at(tokens.len()),
         kv_bytes_per_token: resolved.bytes_per_token(),
         perplexity: (nll / n as f64).exp(),
         mean_kld: mean,
         p99_kld: p99,
         top1_agreement: agree as f64 / n as f64,
         positions: n,
-        exact_window: 0,
     }
 }
 
 /// Evaluates every config in `configs` against `reference` (normally the fp16 cache) on
-/// `tokens`; `on_row` sees each result as it is ready. The reference itself is the first row;
-/// `exact_window` applies to the configs, not to the reference (see [`window_logits`]).
+/// `tokens`; `on_row` sees each result as it is ready. The reference itself is the first row.
 pub fn evaluate(
     model: &LlamaModel,
     reference: &EngineConfig,
     configs: &[EngineConfig],
     tokens: &[u32],
-    exact_window: usize,
     on_row: &mut dyn FnMut(&EvalRow),
 ) -> Result<Vec<EvalRow>, KvqError> {
     if tokens.len() < 2 {
@@ -162,7 +150,7 @@ pub fn evaluate(
             "evaluation needs at least 2 tokens".into(),
         ));
     }
-    let (ref_resolved, ref_logits) = window_logits(model, reference, tokens, 0)?;
+    let (ref_resolved, ref_logits) = window_logits(model, reference, tokens)?;
     let vocab = ref_logits.len() / tokens.len();
     // Reference log-probabilities in f32: 4 bytes per entry keeps a 2k-token window < 0.5 GB.
     let ref_lp: Vec<Vec<f32>> = ref_logits
@@ -172,11 +160,8 @@ pub fn evaluate(
     let mut rows = vec![compare(&ref_resolved, &ref_lp, &ref_logits, tokens)];
     on_row(&rows[0]);
     for cfg in configs {
-        let (resolved, logits) = window_logits(model, cfg, tokens, exact_window)?;
-        let row = EvalRow {
-            exact_window,
-            ..compare(&resolved, &ref_lp, &logits, tokens)
-        };
+        let (resolved, logits) = window_logits(model, cfg, tokens)?;
+        let row = compare(&resolved, &ref_lp, &logits, tokens);
         on_row(&row);
         rows.push(row);
     }

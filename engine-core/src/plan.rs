@@ -7,12 +7,13 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::backend::{backend_by_name, AttentionBackend};
-use crate::cache::{CacheLayout, LayerGroup, MemoryPlan, PagedKvCache};
+use crate::cache::{CacheLayout, LayerGroup, MemoryPlan, PagedKvCache, RecentWindow};
 use crate::cache_section::EdgeLayers;
 use crate::codec::{float_codec, KvCodec, SideBytes};
 use crate::config::{DeviceChoice, EngineConfig};
 use crate::error::ConfigError;
 use crate::model_spec::ModelSpec;
+use crate::KvDtype;
 
 /// A validated configuration with everything derived from it.
 pub struct ResolvedConfig {
@@ -25,6 +26,10 @@ pub struct ResolvedConfig {
     pub fp16_layout: CacheLayout,
     /// `[cache.edge]`: the first and last layers' codec.
     pub edge: Option<EdgeCodec>,
+    /// `engine.recent_window`: tokens per sequence kept at `dtype` beside the cache.
+    pub recent_window: usize,
+    /// The model dtype (the recent window's).
+    pub dtype: KvDtype,
 }
 
 /// The codec of the layers a `[cache.edge]` override covers.
@@ -65,6 +70,8 @@ impl ResolvedConfig {
             layout,
             fp16_layout,
             edge,
+            recent_window: cfg.engine.recent_window,
+            dtype,
         })
     }
 
@@ -100,7 +107,7 @@ impl ResolvedConfig {
     /// The configuration's codec name: the codec's, with `[cache.edge]` the full section's
     /// (e.g. `k:lm4+v:lm2u|edge1/1:k:int4+v:int4`).
     pub fn codec_name(&self) -> String {
-        match &self.edge {
+        let name = match &self.edge {
             None => self.codec.name().to_string(),
             Some(e) => format!(
                 "{}|edge{}/{}:{}",
@@ -109,7 +116,40 @@ impl ResolvedConfig {
                 e.layers.last,
                 e.codec.name()
             ),
+        };
+        match self.recent_window {
+            0 => name,
+            n => format!("{name}+w{n}"),
         }
+    }
+
+    /// A sequence's recent window (`engine.recent_window`), or `None` when it is off.
+    pub fn new_recent_window(&self) -> Option<RecentWindow> {
+        let l = &self.layout;
+        (self.recent_window > 0).then(|| {
+            let dims = (self.codec.head_dim_k(), self.codec.head_dim_v());
+            RecentWindow::new(
+                self.recent_window,
+                l.num_layers,
+                l.num_kv_heads,
+                dims,
+                self.dtype,
+            )
+        })
+    }
+
+    /// Bytes one sequence's recent window takes (0 when it is off).
+    pub fn recent_window_bytes(&self) -> usize {
+        self.new_recent_window().map_or(0, |w| w.bytes())
+    }
+
+    /// Bits per cached element of a sequence of `context` tokens: the codec's for every token
+    /// (the cache holds them all) plus the recent window's copies at the dtype.
+    pub fn bits_at(&self, context: usize) -> f64 {
+        let w = self.recent_window.min(context) as f64;
+        let n = context.max(1) as f64;
+        let dtype_bits = 8.0 * self.dtype.size_bytes() as f64;
+        self.bits_per_element() + w * dtype_bits / n
     }
 
     /// A zeroed cache of `num_blocks` blocks with this configuration's layer groups.

@@ -126,6 +126,7 @@ pub fn capture_qk(
         tokens,
         start_pos: 0,
         block_table: &table,
+        window: None,
     };
     model.forward(&recorder, &mut cache, &[seq], LogitsFor::LastToken)?;
     Ok(recorder.seen.into_inner().expect("recorder lock"))

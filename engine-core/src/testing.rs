@@ -282,6 +282,7 @@ impl AttentionProblem {
             .unwrap();
         let batch = AttentionBatch {
             seqs: vec![SeqSlice {
+                recent: None,
                 q_start: 0,
                 q_len: self.q_rows,
                 context_len: self.tokens,

@@ -41,6 +41,10 @@ pub struct EngineArgs {
     pub session_len: Option<usize>,
     #[arg(long)]
     pub tp: Option<usize>,
+    /// Keep each sequence's last N tokens at the model dtype beside the quantized cache; every
+    /// position reads them instead of the codec's bytes (engine.recent_window; CPU).
+    #[arg(long = "recent-window")]
+    pub recent_window: Option<usize>,
     /// Speculative decoding with n-gram (prompt lookup) drafts: draft tokens verified per
     /// decoding request and step (1..=16; 0 turns off a `[speculative]` section of the
     /// config). Outputs are unchanged; acceptance is reported. Not with pytorch policy 42.
@@ -104,6 +108,9 @@ impl EngineArgs {
         }
         if let Some(v) = self.tp {
             e.tp = v;
+        }
+        if let Some(v) = self.recent_window {
+            e.recent_window = v;
         }
         match self.speculative_num_draft_tokens {
             Some(0) => cfg.speculative = None,

@@ -46,13 +46,28 @@ fn parse_config(base: &EngineConfig, s: &str) -> Result<EngineConfig, KvqError> 
     let bad = |why: &str| {
         KvqError::InvalidArgument(format!(
             "--configs entry `{s}`: {why}; write BACKEND:POLICY or \
-             BACKEND:k=SIDE,v=SIDE[,rotate][,first=N,last=N,ek=SIDE,ev=SIDE]"
+             BACKEND:k=SIDE,v=SIDE[,rotate][,first=N,last=N,ek=SIDE,ev=SIDE], either with an \
+             optional ,window=N (engine.recent_window)"
         ))
     };
     let (backend, rest) = s.split_once(':').ok_or_else(|| bad("no `:`"))?;
     let mut c = base.clone();
     c.engine.backend = backend.to_string();
     c.cache = None;
+    // `window=N` goes with either form; the rest names the codec.
+    let mut items = Vec::new();
+    for item in rest.split(',') {
+        match item.strip_prefix("window=") {
+            Some(n) => {
+                c.engine.recent_window = n
+                    .parse::<usize>()
+                    .map_err(|_| bad(&format!("`{n}` is not a token count")))?
+            }
+            None => items.push(item),
+        }
+    }
+    let rest = items.join(",");
+    let rest = rest.as_str();
     if rest.contains('=') || rest == "rotate" {
         let (mut k, mut v, mut rotate) = (None, None, false);
         let (mut edge_k, mut edge_v, mut first, mut last) = (None, None, 0, 0);

@@ -47,11 +47,6 @@ pub struct EvalArgs {
     /// With --qk-study: score every this-many-th query position against all keys it sees.
     #[arg(long, default_value_t = 8)]
     pub query_stride: usize,
-    /// Study (CPU): every position reads its last N tokens exactly instead of through the
-    /// codec, showing what a higher-precision recent window would recover. The bits column
-    /// stays the codec's: the window's own bits are not counted.
-    #[arg(long, default_value_t = 0)]
-    pub exact_window: usize,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -115,33 +110,18 @@ pub fn run(a: EvalArgs) -> Result<(), KvqError> {
     let (_, configs) = parse_configs(&base, &a.configs, defaults)?;
     if !a.json {
         eprintln!(
-            "kvq eval: {} tokens of {} (offset {}), reference: pytorch fp16 cache{}",
+            "kvq eval: {} tokens of {} (offset {}), reference: pytorch fp16 cache",
             tokens.len(),
             a.text.display(),
-            a.offset,
-            if a.exact_window > 0 {
-                format!(
-                    "; study: each position's last {} tokens read exactly (not in bits)",
-                    a.exact_window
-                )
-            } else {
-                String::new()
-            }
+            a.offset
         );
         println!("{}", header());
     }
-    let rows = evaluate(
-        &model,
-        &reference,
-        &configs,
-        tokens,
-        a.exact_window,
-        &mut |r| {
-            if !a.json {
-                println!("{}", format_row(r));
-            }
-        },
-    )?;
+    let rows = evaluate(&model, &reference, &configs, tokens, &mut |r| {
+        if !a.json {
+            println!("{}", format_row(r));
+        }
+    })?;
     let points: Vec<Point> = rows[1..]
         .iter()
         .map(|r| Point {

@@ -428,6 +428,7 @@ fn run_decode_case(
             q_len: 1,
             context_len: ctx[s],
             block_table: &tables[s],
+            recent: None,
         })
         .collect();
     let mut want = vec![f32::NAN; batch * num_heads * dv];

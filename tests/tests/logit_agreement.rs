@@ -33,6 +33,7 @@ fn logits(model: &LlamaModel, seqs: &[Vec<u32>]) -> Vec<f32> {
             tokens: s,
             start_pos: 0,
             block_table: &table,
+            window: None,
         };
         out.extend(
             model

@@ -99,6 +99,7 @@ fn logits(model: &LlamaModel, tokens: &[u32], path: Path) -> Vec<f32> {
         tokens,
         start_pos: 0,
         block_table: &table,
+        window: None,
     };
     model
         .forward_with(

@@ -103,7 +103,7 @@ fn every_policy_stays_within_its_accuracy_bounds() {
     .iter()
     .map(|(b, p)| config(&model, b, *p))
     .collect();
-    let rows = evaluate(&llama, &reference, &configs, window, 0, &mut |r| {
+    let rows = evaluate(&llama, &reference, &configs, window, &mut |r| {
         eprintln!(
             "{:<10} {:<12} ppl {:.4} mean KLD {:.5} p99 {:.5} top-1 {:.2}%",
             r.backend,

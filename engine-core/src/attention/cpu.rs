@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use crate::ops::simd::{Lanes, Portable};
 
-use crate::cache::{BlockTable, ExactWindow, PagedKvCache};
+use crate::cache::{BlockTable, PagedKvCache};
 use crate::error::KvqError;
 
 /// One sequence's part of a batch.
@@ -29,6 +29,21 @@ pub struct SeqSlice<'a> {
     /// Tokens in the cache for this sequence, including this step's (already written).
     pub context_len: usize,
     pub block_table: &'a BlockTable,
+    /// The recent window, when the cache keeps one: each row reads its last `window` tokens
+    /// from here instead of through the codec.
+    pub recent: Option<RecentTail<'a>>,
+}
+
+/// A sequence's recent tokens at the model dtype (see [`crate::cache::RecentWindow`]): K rows
+/// `[tokens][kv_heads][dk]` and V rows likewise, for positions from `first`, in the domain the
+/// codec's sides decode to.
+#[derive(Debug, Clone, Copy)]
+pub struct RecentTail<'a> {
+    pub window: usize,
+    pub first: usize,
+    pub kv_heads: usize,
+    pub k: &'a [f32],
+    pub v: &'a [f32],
 }
 
 /// A batch of sequences for one attention call.
@@ -333,18 +348,9 @@ fn attend_task<L: Lanes>(
             }
             let cnt = (pos + 1).min(t1) - t0;
             let s = &mut s[..cnt];
-            let (kr, vr) = match cache.exact_window() {
-                Some(x) if pos + 1 < t0 + cnt + x.window() => {
-                    let tile = (t0, cnt, pos);
-                    exact_tail(
-                        x,
-                        (layer, g.kvh),
-                        seq,
-                        block_size,
-                        tile,
-                        (&kt, &vt),
-                        &mut exact,
-                    )
+            let (kr, vr) = match &seq.recent {
+                Some(x) if pos + 1 < t0 + cnt + x.window => {
+                    with_recent(x, g.kvh, (t0, cnt, pos), (&kt, &vt), &mut exact)
                 }
                 _ => (&kt[..cnt * dk], &vt[..cnt * dv]),
             };
@@ -367,13 +373,11 @@ fn attend_task<L: Lanes>(
     Partial { m, l, acc }
 }
 
-/// The recent-window study: the `cnt` decoded tokens from `t0` that the row at `pos` sees, with
-/// those in `(pos - window, pos]` replaced by their exact copies (`buf` holds the result).
-fn exact_tail<'a>(
-    x: &ExactWindow,
-    (layer, kvh): (usize, usize),
-    seq: &SeqSlice<'_>,
-    block_size: usize,
+/// The `cnt` decoded tokens from `t0` that the row at `pos` sees, with those in
+/// `(pos - window, pos]` taken from the recent tail instead (`buf` holds the result).
+fn with_recent<'a>(
+    x: &RecentTail<'_>,
+    kvh: usize,
     (t0, cnt, pos): (usize, usize, usize),
     (kt, vt): (&[f32], &[f32]),
     buf: &'a mut (Vec<f32>, Vec<f32>),
@@ -383,11 +387,10 @@ fn exact_tail<'a>(
     buf.0.extend_from_slice(&kt[..cnt * dk]);
     buf.1.clear();
     buf.1.extend_from_slice(&vt[..cnt * dv]);
-    for tok in (pos + 1).saturating_sub(x.window()).max(t0)..t0 + cnt {
-        let slot = seq.block_table.slot(tok, block_size);
-        let j = tok - t0;
-        buf.0[j * dk..][..dk].copy_from_slice(x.k_at(layer, slot, kvh));
-        buf.1[j * dv..][..dv].copy_from_slice(x.v_at(layer, slot, kvh));
+    for tok in (pos + 1).saturating_sub(x.window).max(t0).max(x.first)..t0 + cnt {
+        let (i, j) = ((tok - x.first) * x.kv_heads + kvh, tok - t0);
+        buf.0[j * dk..][..dk].copy_from_slice(&x.k[i * dk..][..dk]);
+        buf.1[j * dv..][..dv].copy_from_slice(&x.v[i * dv..][..dv]);
     }
     (&buf.0[..], &buf.1[..])
 }
@@ -416,23 +419,16 @@ mod tests {
 
     fn setup(seed: u64, lens: &[usize], kv_heads: usize, dk: usize, dv: usize) -> Setup {
         let codec: Arc<dyn KvCodec> = Arc::new(float_codec(dk, dv, KvDtype::F32));
-        setup_with(seed, lens, kv_heads, codec, 0)
+        setup_with(seed, lens, kv_heads, codec)
     }
 
-    /// [`setup`] with any codec, and the exact-window study on when `exact_window > 0`.
-    fn setup_with(
-        seed: u64,
-        lens: &[usize],
-        kv_heads: usize,
-        codec: Arc<dyn KvCodec>,
-        exact_window: usize,
-    ) -> Setup {
+    /// [`setup`] with any codec.
+    fn setup_with(seed: u64, lens: &[usize], kv_heads: usize, codec: Arc<dyn KvCodec>) -> Setup {
         let (dk, dv) = (codec.head_dim_k(), codec.head_dim_v());
         let blocks: usize = lens.iter().map(|&n| n.div_ceil(BLOCK)).sum::<usize>() + 2;
         let layout =
             CacheLayout::token_major(codec.k_bytes(), codec.v_bytes(), 2, kv_heads, BLOCK, 64);
         let mut cache = PagedKvCache::new(layout, codec, blocks);
-        cache.keep_exact_window(exact_window);
         let mut pool = BlockPool::new(blocks);
         let mut r = rng(seed);
         let (mut tables, mut ks, mut vs) = (vec![], vec![], vec![]);
@@ -465,6 +461,18 @@ mod tests {
         dv: usize,
         avx2: Option<bool>,
     ) -> Vec<f32> {
+        run_with_recent(st, seqs, q, (heads, dv), avx2, None)
+    }
+
+    /// [`run`] with a recent tail for every sequence.
+    fn run_with_recent(
+        st: &Setup,
+        seqs: &[(usize, usize)],
+        q: &[f32],
+        (heads, dv): (usize, usize),
+        avx2: Option<bool>,
+        recent: Option<RecentTail<'_>>,
+    ) -> Vec<f32> {
         // (sequence, query rows ending the sequence)
         let mut q_start = 0;
         let slices: Vec<SeqSlice<'_>> = seqs
@@ -475,6 +483,7 @@ mod tests {
                     q_len,
                     context_len: st.lens[s],
                     block_table: &st.tables[s],
+                    recent,
                 };
                 q_start += q_len;
                 sl
@@ -523,13 +532,14 @@ mod tests {
         }
     }
 
-    /// The recent-window study: with a window covering the context, attention over a lossy
-    /// cache (f16, plain and Hadamard-rotated) reads every token exactly and matches dense
-    /// attention over the exact K/V; without the window the cache's rounding shows.
+    /// With a recent tail covering the context, attention over a lossy cache (f16, plain
+    /// and Hadamard-rotated) reads every token from the tail and matches dense attention over
+    /// the exact K/V; without it the cache's rounding shows.
     #[test]
-    fn exact_window_reads_recent_tokens_exactly() {
-        use crate::codec::{FloatSide, KvPair, Rotated};
-        let seed = fresh_seed("cpu attention exact window");
+    fn recent_tail_replaces_the_decoded_tokens() {
+        use crate::codec::{Domain, FloatSide, KvPair, Rotated};
+        use crate::ops::hadamard::wht_normalized;
+        let seed = fresh_seed("cpu attention recent tail");
         let (heads, kv_heads, d, tokens, q_rows) = (6, 2, 64, SPLIT + 45, 40);
         let f16 = || FloatSide {
             dim: d,
@@ -550,25 +560,44 @@ mod tests {
         ];
         for codec in codecs {
             let name = codec.name().to_string();
+            let st = setup_with(seed, &[tokens], kv_heads, codec.clone());
+            let q: Vec<f32> = gaussian(&mut rng(seed ^ 1), q_rows * heads * d)
+                .iter()
+                .map(|x| 4.0 * x)
+                .collect();
+            let p = AttentionProblem {
+                heads,
+                kv_heads,
+                tokens,
+                block_size: BLOCK,
+                q: q.clone(),
+                k: st.k[0].clone(),
+                v: st.v[0].clone(),
+                q_rows,
+            };
+            let want = p.dense_reference(&st.k[0], &st.v[0], d, d);
+            // the tail holds values in the domain the codec decodes to
+            let domain = |x: &[f32], dom: Domain| {
+                let mut x = x.to_vec();
+                if dom == Domain::Hadamard {
+                    x.chunks_exact_mut(d).for_each(wht_normalized);
+                }
+                x
+            };
+            let (tk, tv) = (
+                domain(&st.k[0], codec.k_domain()),
+                domain(&st.v[0], codec.v_domain()),
+            );
+            let tail = RecentTail {
+                window: tokens,
+                first: 0,
+                kv_heads,
+                k: &tk,
+                v: &tv,
+            };
             let mut worst = [0f32; 2];
-            for (i, window) in [0, tokens].into_iter().enumerate() {
-                let st = setup_with(seed, &[tokens], kv_heads, codec.clone(), window);
-                let q: Vec<f32> = gaussian(&mut rng(seed ^ 1), q_rows * heads * d)
-                    .iter()
-                    .map(|x| 4.0 * x)
-                    .collect();
-                let p = AttentionProblem {
-                    heads,
-                    kv_heads,
-                    tokens,
-                    block_size: BLOCK,
-                    q: q.clone(),
-                    k: st.k[0].clone(),
-                    v: st.v[0].clone(),
-                    q_rows,
-                };
-                let want = p.dense_reference(&st.k[0], &st.v[0], d, d);
-                let got = run(&st, &[(0, q_rows)], &q, heads, d, None);
+            for (i, recent) in [None, Some(tail)].into_iter().enumerate() {
+                let got = run_with_recent(&st, &[(0, q_rows)], &q, (heads, d), None, recent);
                 for (g, w) in got.iter().zip(&want) {
                     assert!(g.is_finite(), "{name}: output {g}");
                     worst[i] = worst[i].max((g - w).abs() / (1.0 + w.abs()));
@@ -576,12 +605,12 @@ mod tests {
             }
             assert!(
                 worst[1] <= 2e-5,
-                "{name}: exact window off by {} (seed {seed})",
+                "{name}: recent tail off by {} (seed {seed})",
                 worst[1]
             );
             assert!(
                 worst[0] > 10.0 * worst[1],
-                "{name}: the f16 cache alone is as close ({} vs {}): the study tests nothing",
+                "{name}: the f16 cache alone is as close ({} vs {}): the test tests nothing",
                 worst[0],
                 worst[1]
             );

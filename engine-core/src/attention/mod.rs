@@ -3,4 +3,4 @@
 
 pub mod cpu;
 
-pub use cpu::{paged_attention, AttentionBatch, SeqSlice};
+pub use cpu::{paged_attention, AttentionBatch, RecentTail, SeqSlice};

@@ -2,13 +2,13 @@
 //! hands out blocks, and the memory planner that turns a byte budget into a block count.
 
 pub mod block_pool;
-pub mod exact_window;
 pub mod layout;
 pub mod paged;
 pub mod planner;
+pub mod recent_window;
 
 pub use block_pool::{BlockPool, BlockTable};
-pub use exact_window::ExactWindow;
 pub use layout::{CacheLayout, LayerPlacement, RegionLayout};
 pub use paged::{LayerGroup, PagedKvCache};
 pub use planner::MemoryPlan;
+pub use recent_window::RecentWindow;

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use super::exact_window::ExactWindow;
 use super::layout::CacheLayout;
 use crate::codec::{EntryRun, KvCodec};
 use crate::error::KvqError;
@@ -26,8 +25,6 @@ pub struct PagedKvCache {
     main: usize,
     num_blocks: usize,
     bytes: Vec<u8>,
-    /// Exact copies for the recent-window study ([`PagedKvCache::keep_exact_window`]).
-    exact: Option<ExactWindow>,
 }
 
 /// Consecutive layers that share a codec: `layers` is their range, `layout` covers
@@ -119,27 +116,7 @@ impl PagedKvCache {
             main,
             num_blocks,
             bytes: vec![0u8; base],
-            exact: None,
         }
-    }
-
-    /// Study mode: from now on every written entry is also kept exact, and the CPU attention
-    /// reads each position's last `window` tokens from those copies (see [`ExactWindow`]).
-    /// The copies are not counted by the planner; `window = 0` turns the study off.
-    pub fn keep_exact_window(&mut self, window: usize) {
-        self.exact = (window > 0).then(|| {
-            let layers = self.layer_group.len();
-            let slots = self.num_blocks * self.layout().block_size;
-            let heads = self.layout().num_kv_heads;
-            let c = self.codec();
-            let dims = (c.head_dim_k(), c.head_dim_v());
-            ExactWindow::new(window, dims, layers, slots, heads)
-        });
-    }
-
-    /// The exact copies of the recent-window study, when it is on.
-    pub fn exact_window(&self) -> Option<&ExactWindow> {
-        self.exact.as_ref()
     }
 
     /// The layout of the layers without an override (of every layer when there is none): its
@@ -237,19 +214,6 @@ impl PagedKvCache {
         }
         for &slot in slots {
             self.check_slot(layer, slot)?;
-        }
-        if let Some(x) = self.exact.as_mut() {
-            for (i, &slot) in slots.iter().enumerate() {
-                for head in 0..h {
-                    let row = i * h + head;
-                    x.record(
-                        (layer, slot, head),
-                        &k[row * dk..],
-                        &v[row * dv..],
-                        codec.as_ref(),
-                    );
-                }
-            }
         }
         if slots.len() >= PARALLEL_WRITE_MIN_TOKENS && rayon::current_num_threads() > 1 {
             self.write_parallel(layer, k, v, slots);

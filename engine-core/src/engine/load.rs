@@ -252,7 +252,8 @@ impl Engine {
                 .as_ref()
                 .map_or(0, |s| s.num_speculative_tokens),
         };
-        let sched = Scheduler::new(limits, tokenizer.eos_id());
+        let sched = Scheduler::new(limits, tokenizer.eos_id())
+            .with_recent_window(resolved.new_recent_window());
         Self {
             spec,
             config,
@@ -463,9 +464,14 @@ pub fn plan_cache(
     available: u64,
 ) -> Result<MemoryPlan, KvqError> {
     let e = &config.engine;
+    // Every running sequence's recent window comes out of the same budget.
+    let windows = (e.max_batch_size * resolved.recent_window_bytes()) as u64;
     let mut plan = match e.cache_memory_gib {
-        Some(g) => resolved.plan_exact((g * (1u64 << 30) as f64) as u64),
-        None => resolved.plan(available, config),
+        Some(g) => resolved.plan_exact(((g * (1u64 << 30) as f64) as u64).saturating_sub(windows)),
+        None => {
+            let reserved = (windows as f64 / e.cache_max_entry_count) as u64;
+            resolved.plan(available.saturating_sub(reserved), config)
+        }
     };
     let most_useful = e.max_batch_size * e.session_len.div_ceil(e.block_size);
     if plan.num_blocks > most_useful {

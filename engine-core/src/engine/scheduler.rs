@@ -15,13 +15,14 @@
 //! its length).
 
 use std::collections::VecDeque;
+use std::sync::Mutex;
 
 use super::detok::IncrementalDecoder;
 use super::ngram;
 use super::request::{FinishReason, GenerationOutput, Request, TokenEvent};
 use super::stop::StopMatcher;
 use crate::backend::AttentionBackend;
-use crate::cache::{BlockPool, BlockTable, PagedKvCache};
+use crate::cache::{BlockPool, BlockTable, PagedKvCache, RecentWindow};
 use crate::error::KvqError;
 use crate::loader::Tokenizer;
 use crate::model::{ForwardPass, SeqInput};
@@ -49,6 +50,8 @@ struct Sequence {
     /// Tokens whose K/V are in the cache.
     cached: usize,
     table: BlockTable,
+    /// The recent window (`engine.recent_window`); rebuilt with the K/V on a recompute.
+    window: Option<Mutex<RecentWindow>>,
     sampler: Sampler,
     stop_ids: Vec<u32>,
     stop: StopMatcher,
@@ -173,6 +176,8 @@ pub struct Scheduler {
     finished: Vec<Sequence>,
     eos: Option<u32>,
     next_index: usize,
+    /// An empty recent window, cloned for every sequence (`None`: off).
+    window: Option<RecentWindow>,
 }
 
 impl Scheduler {
@@ -184,7 +189,14 @@ impl Scheduler {
             finished: Vec::new(),
             eos,
             next_index: 0,
+            window: None,
         }
+    }
+
+    /// Gives every sequence submitted from now on a copy of `window` (empty).
+    pub fn with_recent_window(mut self, window: Option<RecentWindow>) -> Self {
+        self.window = window;
+        self
     }
 
     pub fn limits(&self) -> &SchedulerLimits {
@@ -222,6 +234,7 @@ impl Scheduler {
             tokens: req.prompt,
             cached: 0,
             table: BlockTable::default(),
+            window: self.window.clone().map(Mutex::new),
             sampler: Sampler::new(req.params),
             stop_ids: req.stop_ids,
             stop: StopMatcher::new(req.stop),
@@ -577,6 +590,7 @@ fn forward_batch_invariant(
                     tokens: &s.tokens[from..to],
                     start_pos: from,
                     block_table: &s.table,
+                    window: s.window.as_ref(),
                 });
             }
         }

@@ -26,13 +26,24 @@ use crate::testing::rng;
 
 /// A tiny engine with `num_blocks` blocks of `block_size` tokens.
 fn tiny_engine(num_blocks: usize, block_size: usize, max_batch_size: usize) -> Engine {
+    tiny_engine_with(num_blocks, block_size, max_batch_size, KvDtype::F32, 0)
+}
+
+/// [`tiny_engine`] with the cache in `cache_dtype` and an f32 recent window of `window`.
+fn tiny_engine_with(
+    num_blocks: usize,
+    block_size: usize,
+    max_batch_size: usize,
+    cache_dtype: KvDtype,
+    window: usize,
+) -> Engine {
     let spec = tiny_spec(true);
     let model = load_llama(&InMemory(random_weights(&spec, 7)), &spec).unwrap();
     let dir = TempDir::new("engine");
     write_tiny_tokenizer(dir.path());
     let tokenizer = Tokenizer::from_path(dir.path()).unwrap();
     let codec: Arc<dyn KvCodec> =
-        Arc::new(float_codec(spec.head_dim_k, spec.head_dim_v, KvDtype::F32));
+        Arc::new(float_codec(spec.head_dim_k, spec.head_dim_v, cache_dtype));
     let layout = CpuF32Backend.cache_layout(
         codec.as_ref(),
         spec.num_layers,
@@ -45,6 +56,8 @@ fn tiny_engine(num_blocks: usize, block_size: usize, max_batch_size: usize) -> E
         layout: layout.clone(),
         fp16_layout: layout,
         edge: None,
+        recent_window: window,
+        dtype: KvDtype::F32,
     };
     let plan = resolved.plan_exact((num_blocks * resolved.layout.block_bytes()) as u64);
     assert_eq!(plan.num_blocks, num_blocks);
@@ -85,7 +98,17 @@ fn alone(e: &mut Engine, r: &Request) -> GenerationOutput {
 fn preemption_recomputes_and_gives_what_each_request_gives_alone() {
     // 6 blocks of 16 tokens; each request grows to 60 tokens (4 blocks), so three are
     // admitted and must preempt each other as they grow.
-    let mut e = tiny_engine(6, 16, 8);
+    preemption_matches_alone(tiny_engine(6, 16, 8));
+}
+
+/// The same with a lossy (f16) cache and a recent window: a recompute rebuilds the window, so
+/// every request still gets what it gets alone.
+#[test]
+fn preemption_rebuilds_the_recent_window() {
+    preemption_matches_alone(tiny_engine_with(6, 16, 8, KvDtype::F16, 3));
+}
+
+fn preemption_matches_alone(mut e: Engine) {
     let reqs: Vec<Request> = (0..4).map(|i| request(i, 20, 40)).collect();
     let expected: Vec<GenerationOutput> = reqs.iter().map(|r| alone(&mut e, r)).collect();
     assert_eq!(e.preemptions(), 0, "a request alone fits");

@@ -293,6 +293,7 @@ fn logits(model: &LlamaModel, tokens: &[u32]) -> Vec<f32> {
         tokens,
         start_pos: 0,
         block_table: &table,
+        window: None,
     };
     model
         .forward(&CpuF32Backend, &mut cache, &[seq], LogitsFor::AllTokens)

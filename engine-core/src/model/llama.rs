@@ -1,8 +1,10 @@
 //! One forward step of a Llama-family model over a batch of sequences.
 
-use crate::attention::{AttentionBatch, SeqSlice};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::attention::{AttentionBatch, RecentTail, SeqSlice};
 use crate::backend::AttentionBackend;
-use crate::cache::{BlockTable, PagedKvCache};
+use crate::cache::{BlockTable, PagedKvCache, RecentWindow};
 use crate::error::KvqError;
 use crate::model_spec::ModelSpec;
 use crate::ops::linear::{Linear, Path};
@@ -45,6 +47,10 @@ pub struct SeqInput<'a> {
     pub start_pos: usize,
     /// Blocks holding positions `0..start_pos + tokens.len()` (reserved by the caller).
     pub block_table: &'a BlockTable,
+    /// The sequence's recent window when the engine keeps one (`engine.recent_window`): it
+    /// must end at `start_pos` (or be cleared for a recompute from 0) and ends after this
+    /// chunk once the pass is done.
+    pub window: Option<&'a Mutex<RecentWindow>>,
 }
 
 /// Which rows get logits.
@@ -54,6 +60,30 @@ pub enum LogitsFor {
     LastToken,
     /// Every token (teacher-forced evaluation).
     AllTokens,
+}
+
+/// Locks every sequence's recent window for the pass; a window that does not end where its
+/// chunk starts is cleared when the chunk starts at 0 (a recompute) and an error otherwise.
+fn lock_windows<'a>(
+    seqs: &'a [SeqInput<'_>],
+) -> Result<Vec<Option<MutexGuard<'a, RecentWindow>>>, KvqError> {
+    seqs.iter()
+        .map(|seq| {
+            let Some(w) = seq.window else { return Ok(None) };
+            let mut w = w.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if w.end() != seq.start_pos {
+                if seq.start_pos != 0 {
+                    return Err(KvqError::InvalidArgument(format!(
+                        "recent window ends at position {} but the chunk starts at {}",
+                        w.end(),
+                        seq.start_pos
+                    )));
+                }
+                w.clear();
+            }
+            Ok(Some(w))
+        })
+        .collect()
 }
 
 /// Checks that sequence `i` has at least `logit_rows[i]` ≥ 1 tokens, for every sequence.
@@ -236,6 +266,7 @@ impl LlamaModel {
                 q_len: seq.tokens.len(),
                 context_len: end,
                 block_table: seq.block_table,
+                recent: None,
             });
             for (i, &t) in seq.tokens.iter().enumerate() {
                 if t as usize >= s.vocab_size {
@@ -251,6 +282,8 @@ impl LlamaModel {
             }
         }
         let rows = positions.len();
+        let mut windows = lock_windows(seqs)?;
+        let mut tails = vec![(Vec::new(), Vec::new()); seqs.len()];
         let batch = AttentionBatch {
             seqs: slices,
             num_heads: heads,
@@ -284,7 +317,45 @@ impl LlamaModel {
                 self.rope.apply(&mut k[r * kvh * dk..][..kvh * dk], pos);
             }
             backend.write_kv(cache, l, &k, &v, &slots)?;
-            backend.attend(cache, l, &q, &batch, &mut attn)?;
+            if windows.iter().any(Option::is_some) {
+                let codec = cache.codec_of(l).clone();
+                let mut firsts = vec![0; seqs.len()];
+                for (i, w) in windows.iter().enumerate() {
+                    if let Some(w) = w {
+                        let sl = &batch.seqs[i];
+                        let (r0, r1) = (sl.q_start * kvh, (sl.q_start + sl.q_len) * kvh);
+                        let (tk, tv) = &mut tails[i];
+                        let chunk = (&k[r0 * dk..r1 * dk], &v[r0 * dv..r1 * dv]);
+                        firsts[i] = w.tail(l, seqs[i].start_pos, chunk, codec.as_ref(), (tk, tv));
+                    }
+                }
+                let layer_batch = AttentionBatch {
+                    seqs: batch
+                        .seqs
+                        .iter()
+                        .enumerate()
+                        .map(|(i, sl)| SeqSlice {
+                            recent: windows[i].as_ref().map(|w| RecentTail {
+                                window: w.len(),
+                                first: firsts[i],
+                                kv_heads: kvh,
+                                k: &tails[i].0,
+                                v: &tails[i].1,
+                            }),
+                            ..sl.clone()
+                        })
+                        .collect(),
+                    ..batch.clone()
+                };
+                backend.attend(cache, l, &q, &layer_batch, &mut attn)?;
+                for (i, w) in windows.iter_mut().enumerate() {
+                    if let Some(w) = w {
+                        w.keep(l, firsts[i], (&tails[i].0, &tails[i].1));
+                    }
+                }
+            } else {
+                backend.attend(cache, l, &q, &batch, &mut attn)?;
+            }
             layer.wo.forward_into_with(&attn, &mut o, path);
             add_assign(&mut x, &o);
             h.copy_from_slice(&x);
@@ -298,6 +369,11 @@ impl LlamaModel {
             silu_mul(&mut gate, &up);
             layer.w_down.forward_into_with(&gate, &mut o, path);
             add_assign(&mut x, &o);
+        }
+        for (w, seq) in windows.iter_mut().zip(seqs) {
+            if let Some(w) = w {
+                w.advance(seq.tokens.len());
+            }
         }
         let mut last = if batch
             .seqs

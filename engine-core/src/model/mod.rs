@@ -10,6 +10,8 @@ mod weights;
 
 #[cfg(test)]
 pub(crate) mod hf_dir_tests;
+#[cfg(test)]
+mod window_tests;
 
 pub use self::safetensors::{hf_tensor_name, SafetensorsWeights, SAFETENSORS_INDEX};
 pub use llama::{check_logit_rows, LlamaLayer, LlamaModel, LogitsFor, SeqInput};

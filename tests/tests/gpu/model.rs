@@ -95,6 +95,7 @@ fn run_case(
                     tokens: &s[..p],
                     start_pos: 0,
                     block_table: tb,
+                    window: None,
                 })
                 .collect();
             (LogitsFor::AllTokens, inputs)
@@ -108,6 +109,7 @@ fn run_case(
                     tokens: &s[p + step - 1..p + step],
                     start_pos: p + step - 1,
                     block_table: tb,
+                    window: None,
                 })
                 .collect();
             (LogitsFor::LastToken, inputs)
@@ -356,6 +358,7 @@ fn device_argmax_matches_host() {
             tokens: p,
             start_pos: 0,
             block_table: t,
+            window: None,
         })
         .collect();
     let logits = m.forward(&seqs, LogitsFor::AllTokens).unwrap();
