@@ -499,6 +499,27 @@ mod tests {
         out
     }
 
+    /// Dense f64 attention of the last `q_rows` positions of the setup's first sequence.
+    fn dense_want(
+        st: &Setup,
+        q: &[f32],
+        (heads, kv_heads): (usize, usize),
+        q_rows: usize,
+        d: usize,
+    ) -> Vec<f32> {
+        let p = AttentionProblem {
+            heads,
+            kv_heads,
+            tokens: st.lens[0],
+            block_size: BLOCK,
+            q: q.to_vec(),
+            k: st.k[0].clone(),
+            v: st.v[0].clone(),
+            q_rows,
+        };
+        p.dense_reference(&st.k[0], &st.v[0], d, d)
+    }
+
     /// Prefill rows over several row chunks and token splits, against dense f64 attention.
     #[test]
     fn long_prefill_matches_dense_reference_with_both_kernels() {
@@ -506,17 +527,7 @@ mod tests {
         let (heads, kv_heads, d, tokens, q_rows) = (6, 2, 64, 3 * SPLIT + 45, ROW_CHUNK * 2 + 7);
         let st = setup(seed, &[tokens], kv_heads, d, d);
         let q = gaussian(&mut rng(seed ^ 1), q_rows * heads * d);
-        let p = AttentionProblem {
-            heads,
-            kv_heads,
-            tokens,
-            block_size: BLOCK,
-            q: q.clone(),
-            k: st.k[0].clone(),
-            v: st.v[0].clone(),
-            q_rows,
-        };
-        let want = p.dense_reference(&st.k[0], &st.v[0], d, d);
+        let want = dense_want(&st, &q, (heads, kv_heads), q_rows, d);
         let mut kernels = vec![Some(false)];
         if crate::ops::simd::has_avx2() {
             kernels.push(Some(true));
@@ -565,17 +576,7 @@ mod tests {
                 .iter()
                 .map(|x| 4.0 * x)
                 .collect();
-            let p = AttentionProblem {
-                heads,
-                kv_heads,
-                tokens,
-                block_size: BLOCK,
-                q: q.clone(),
-                k: st.k[0].clone(),
-                v: st.v[0].clone(),
-                q_rows,
-            };
-            let want = p.dense_reference(&st.k[0], &st.v[0], d, d);
+            let want = dense_want(&st, &q, (heads, kv_heads), q_rows, d);
             // the tail holds values in the domain the codec decodes to
             let domain = |x: &[f32], dom: Domain| {
                 let mut x = x.to_vec();
