@@ -58,6 +58,11 @@ pub fn run(mut a: CheckConfigArgs) -> Result<(), KvqError> {
             "block_bytes": resolved.block_bytes(),
             "block_padding": resolved.block_padding(),
             "bits_per_element": resolved.bits_per_element(),
+            "recent_window": {
+                "tokens": resolved.recent_window,
+                "bytes_per_sequence": resolved.recent_window_bytes(),
+                "bits_per_element_at_session_len": resolved.bits_at(cfg.engine.session_len),
+            },
             "layer_groups": resolved.layer_groups().iter().map(|g| serde_json::json!({
                 "layers": [g.layers.start, g.layers.end],
                 "codec": g.codec.name(),
@@ -69,11 +74,23 @@ pub fn run(mut a: CheckConfigArgs) -> Result<(), KvqError> {
         println!("{}", serde_json::to_string_pretty(&j).expect("json"));
         return Ok(());
     }
-    print_text(&cfg.model.path, &spec, &resolved, plan.as_ref());
+    print_text(
+        &cfg.model.path,
+        &spec,
+        &resolved,
+        plan.as_ref(),
+        cfg.engine.session_len,
+    );
     Ok(())
 }
 
-fn print_text(model: &str, spec: &ModelSpec, r: &ResolvedConfig, plan: Option<&MemoryPlan>) {
+fn print_text(
+    model: &str,
+    spec: &ModelSpec,
+    r: &ResolvedConfig,
+    plan: Option<&MemoryPlan>,
+    session_len: usize,
+) {
     let t = r.token_bytes();
     println!("config OK");
     println!("model        {model}");
@@ -121,6 +138,16 @@ fn print_text(model: &str, spec: &ModelSpec, r: &ResolvedConfig, plan: Option<&M
         r.layout.num_layers,
         r.block_padding()
     );
+    if r.recent_window > 0 {
+        println!(
+            "window       last {} tokens per sequence at the model dtype: {} bytes each; \
+             {:.3} bits/element at session_len {}",
+            r.recent_window,
+            r.recent_window_bytes(),
+            r.bits_at(session_len),
+            session_len
+        );
+    }
     if let Some(p) = plan {
         println!(
             "budget       {:.3} GiB for the cache ({} bytes)",
