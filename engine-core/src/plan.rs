@@ -125,9 +125,8 @@ impl ResolvedConfig {
 
     /// A sequence's recent window (`engine.recent_window`), or `None` when it is off.
     pub fn new_recent_window(&self) -> Option<RecentWindow> {
-        let l = &self.layout;
+        let (l, dims) = (&self.layout, self.head_dims());
         (self.recent_window > 0).then(|| {
-            let dims = (self.codec.head_dim_k(), self.codec.head_dim_v());
             RecentWindow::new(
                 self.recent_window,
                 l.num_layers,
@@ -140,7 +139,18 @@ impl ResolvedConfig {
 
     /// Bytes one sequence's recent window takes (0 when it is off).
     pub fn recent_window_bytes(&self) -> usize {
-        self.new_recent_window().map_or(0, |w| w.bytes())
+        let (l, dims) = (&self.layout, self.head_dims());
+        RecentWindow::bytes_for(
+            self.recent_window,
+            l.num_layers,
+            l.num_kv_heads,
+            dims,
+            self.dtype,
+        )
+    }
+
+    fn head_dims(&self) -> (usize, usize) {
+        (self.codec.head_dim_k(), self.codec.head_dim_v())
     }
 
     /// Bits per cached element of a sequence of `context` tokens: the codec's for every token

@@ -80,8 +80,10 @@ impl AttentionBackend for Recorder<'_> {
         v: &[f32],
         slots: &[usize],
     ) -> Result<(), KvqError> {
-        self.seen.lock().expect("recorder lock").k.push(k.to_vec());
-        debug_assert_eq!(self.seen.lock().expect("recorder lock").k.len(), layer + 1);
+        let mut seen = self.seen.lock().expect("recorder lock");
+        seen.k.push(k.to_vec());
+        debug_assert_eq!(seen.k.len(), layer + 1);
+        drop(seen);
         self.inner.write_kv(cache, layer, k, v, slots)
     }
     fn attend(

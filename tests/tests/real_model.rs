@@ -84,13 +84,25 @@ fn bound(row: &EvalRow) -> (f64, f64) {
     }
 }
 
+/// The model, and the 256-token window of the GPL text the accuracy tests read.
+fn model_and_window(
+    model: &std::path::Path,
+) -> (
+    engine_core::ModelSpec,
+    engine_core::model::LlamaModel,
+    Vec<u32>,
+) {
+    let (spec, llama, tok) = load_model(model, &mut |_| {}).unwrap();
+    let text = std::fs::read_to_string(text("gpl-3.0.txt")).unwrap();
+    let ids = tok.encode(&text, false).unwrap();
+    (spec, llama, ids[1000..1256].to_vec())
+}
+
 #[test]
 fn every_policy_stays_within_its_accuracy_bounds() {
     let Some(model) = default_model() else { return };
-    let (_, llama, tok) = load_model(&model, &mut |_| {}).unwrap();
-    let text = std::fs::read_to_string(text("gpl-3.0.txt")).unwrap();
-    let ids = tok.encode(&text, false).unwrap();
-    let window = &ids[1000..1256];
+    let (_, llama, ids) = model_and_window(&model);
+    let window = &ids[..];
     let reference = config(&model, "pytorch", 0);
     let configs: Vec<EngineConfig> = [
         ("turbomind", 0),
@@ -153,10 +165,8 @@ fn qk_study_orders_the_k_codecs_as_measured() {
     use engine_core::plan::ResolvedConfig;
     use engine_core::qk_study::{capture_qk, score_error};
     let Some(model) = default_model() else { return };
-    let (spec, llama, tok) = load_model(&model, &mut |_| {}).unwrap();
-    let text = std::fs::read_to_string(text("gpl-3.0.txt")).unwrap();
-    let ids = tok.encode(&text, false).unwrap();
-    let window = &ids[1000..1256];
+    let (spec, llama, ids) = model_and_window(&model);
+    let window = &ids[..];
     let spread = |k: SideKind| {
         let mut cfg = config(&model, "pytorch", 0);
         cfg.cache = Some(CacheSection {

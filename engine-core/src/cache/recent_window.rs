@@ -55,9 +55,16 @@ impl RecentWindow {
         self.n == 0
     }
 
-    /// Bytes this window holds (what the planner reserves per sequence).
-    pub fn bytes(&self) -> usize {
-        self.k.len() + self.v.len()
+    /// Bytes a window of these dimensions holds (what the planner reserves per sequence),
+    /// without building one.
+    pub fn bytes_for(
+        n: usize,
+        layers: usize,
+        heads: usize,
+        (dk, dv): (usize, usize),
+        dtype: KvDtype,
+    ) -> usize {
+        layers * n * heads * (dk + dv) * dtype.size_bytes()
     }
 
     /// Position after the last one held.

@@ -50,7 +50,9 @@ struct Sequence {
     /// Tokens whose K/V are in the cache.
     cached: usize,
     table: BlockTable,
-    /// The recent window (`engine.recent_window`); rebuilt with the K/V on a recompute.
+    /// The recent window (`engine.recent_window`) while running: given on admission, dropped
+    /// on preemption (the recompute rebuilds it), so only running sequences hold one, as the
+    /// planner reserved.
     window: Option<Mutex<RecentWindow>>,
     sampler: Sampler,
     stop_ids: Vec<u32>,
@@ -234,7 +236,7 @@ impl Scheduler {
             tokens: req.prompt,
             cached: 0,
             table: BlockTable::default(),
-            window: self.window.clone().map(Mutex::new),
+            window: None,
             sampler: Sampler::new(req.params),
             stop_ids: req.stop_ids,
             stop: StopMatcher::new(req.stop),
@@ -327,7 +329,8 @@ impl Scheduler {
             {
                 break;
             }
-            let seq = self.waiting.pop_front().expect("front exists");
+            let mut seq = self.waiting.pop_front().expect("front exists");
+            seq.window = self.window.clone().map(Mutex::new);
             self.running.push(seq);
         }
     }
@@ -338,6 +341,7 @@ impl Scheduler {
         let mut seq = self.running.pop().expect("a running sequence");
         seq.table.release_all(pool)?;
         seq.cached = 0;
+        seq.window = None;
         self.waiting.push_front(seq);
         Ok(())
     }
@@ -485,6 +489,7 @@ impl Scheduler {
         self.running = still;
         for mut seq in done {
             seq.table.release_all(pool)?;
+            seq.window = None;
             self.finished.push(seq);
         }
         Ok(stats)

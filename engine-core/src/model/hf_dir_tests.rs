@@ -15,7 +15,7 @@ use super::{
     SafetensorsWeights, SeqInput, WeightSource, SAFETENSORS_INDEX,
 };
 use crate::backend::{AttentionBackend, Capabilities};
-use crate::cache::{BlockPool, BlockTable, CacheLayout, PagedKvCache};
+use crate::cache::{BlockPool, BlockTable, CacheLayout, PagedKvCache, RecentWindow};
 use crate::codec::{float_codec, KvCodec};
 use crate::config::EngineConfig;
 use crate::dtype::KvDtype;
@@ -278,29 +278,56 @@ impl AttentionBackend for CpuF32Backend {
     }
 }
 
-/// Logits (`[tokens, vocab]`) of every position of `tokens`.
+/// Logits (`[tokens, vocab]`) of every position of `tokens`, one pass over an f32 cache.
 fn logits(model: &LlamaModel, tokens: &[u32]) -> Vec<f32> {
+    logits_in_chunks(model, tokens, &[tokens.len()], KvDtype::F32, 0)
+}
+
+/// Logits of every position of `tokens`, fed in `chunks`, over a cache in `cache_dtype`, with
+/// an f32 recent window of `window` tokens (0: none).
+pub(crate) fn logits_in_chunks(
+    model: &LlamaModel,
+    tokens: &[u32],
+    chunks: &[usize],
+    cache_dtype: KvDtype,
+    window: usize,
+) -> Vec<f32> {
     let s = &model.spec;
-    let codec: Arc<dyn KvCodec> = Arc::new(float_codec(s.head_dim_k, s.head_dim_v, KvDtype::F32));
+    let codec: Arc<dyn KvCodec> = Arc::new(float_codec(s.head_dim_k, s.head_dim_v, cache_dtype));
     let block = 16;
     let blocks = BlockTable::blocks_for(tokens.len(), block);
     let layout = CpuF32Backend.cache_layout(codec.as_ref(), s.num_layers, s.num_kv_heads, block);
     let mut cache = PagedKvCache::new(layout, codec, blocks);
-    let mut pool = BlockPool::new(blocks);
     let mut table = BlockTable::default();
-    table.reserve(&mut pool, tokens.len(), block).unwrap();
-    let seq = SeqInput {
-        tokens,
-        start_pos: 0,
-        block_table: &table,
-        window: None,
-    };
-    model
-        .forward(&CpuF32Backend, &mut cache, &[seq], LogitsFor::AllTokens)
-        .unwrap()
+    table
+        .reserve(&mut BlockPool::new(blocks), tokens.len(), block)
+        .unwrap();
+    let dims = (s.head_dim_k, s.head_dim_v);
+    let win = (window > 0).then(|| {
+        let w = RecentWindow::new(window, s.num_layers, s.num_kv_heads, dims, KvDtype::F32);
+        std::sync::Mutex::new(w)
+    });
+    let mut out = Vec::new();
+    let mut start = 0;
+    for &n in chunks {
+        let seq = SeqInput {
+            tokens: &tokens[start..start + n],
+            start_pos: start,
+            block_table: &table,
+            window: win.as_ref(),
+        };
+        out.extend(
+            model
+                .forward(&CpuF32Backend, &mut cache, &[seq], LogitsFor::AllTokens)
+                .unwrap(),
+        );
+        start += n;
+    }
+    assert_eq!(start, tokens.len(), "chunks cover the tokens");
+    out
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)

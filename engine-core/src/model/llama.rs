@@ -345,7 +345,8 @@ impl LlamaModel {
                             ..sl.clone()
                         })
                         .collect(),
-                    ..batch.clone()
+                    num_heads: batch.num_heads,
+                    scale: batch.scale,
                 };
                 backend.attend(cache, l, &q, &layer_batch, &mut attn)?;
                 for (i, w) in windows.iter_mut().enumerate() {
