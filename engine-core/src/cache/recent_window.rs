@@ -165,3 +165,89 @@ impl RecentWindow {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{float_codec, FloatSide, KvPair, Rotated};
+    use std::sync::Arc;
+
+    const HEADS: usize = 2;
+    const DK: usize = 4;
+    const DV: usize = 2;
+
+    /// Distinct, f32-exact values of (position, layer, head, element).
+    fn rows(positions: std::ops::Range<usize>, layer: usize, d: usize) -> Vec<f32> {
+        positions
+            .flat_map(|p| {
+                (0..HEADS * d).map(move |i| (p * 100 + layer * 10) as f32 + i as f32 / 8.0)
+            })
+            .collect()
+    }
+
+    /// Chunks of every size pattern through two layers: each tail is exactly the positions
+    /// `max(start - n, 0) .. start` from the ring followed by the chunk, and a clear starts over.
+    #[test]
+    fn tails_hold_the_last_positions_across_chunks() {
+        let codec = float_codec(DK, DV, KvDtype::F32);
+        let (n, layers) = (3, 2);
+        let mut w = RecentWindow::new(n, layers, HEADS, (DK, DV), KvDtype::F32);
+        assert_eq!(
+            RecentWindow::bytes_for(n, layers, HEADS, (DK, DV), KvDtype::F32),
+            2 * 3 * 2 * 6 * 4
+        );
+        for round in 0..2 {
+            let mut start = 0;
+            for len in [4, 1, 2, 3, 1, 5] {
+                for layer in 0..layers {
+                    let chunk = (
+                        rows(start..start + len, layer, DK),
+                        rows(start..start + len, layer, DV),
+                    );
+                    let (mut tk, mut tv) = (Vec::new(), Vec::new());
+                    let first = w.tail(
+                        layer,
+                        start,
+                        (&chunk.0, &chunk.1),
+                        &codec,
+                        (&mut tk, &mut tv),
+                    );
+                    assert_eq!(
+                        first,
+                        start.saturating_sub(n),
+                        "round {round} start {start}"
+                    );
+                    assert_eq!(tk, rows(first..start + len, layer, DK));
+                    assert_eq!(tv, rows(first..start + len, layer, DV));
+                    w.keep(layer, first, (&tk, &tv));
+                }
+                w.advance(len);
+                start += len;
+                assert_eq!(w.end(), start);
+            }
+            w.clear();
+            assert_eq!(w.end(), 0);
+        }
+    }
+
+    /// A Hadamard-domain side gets its tail rows rotated, as its decoded values are.
+    #[test]
+    fn rotated_sides_get_rotated_rows() {
+        let side = |d| Rotated {
+            inner: FloatSide {
+                dim: d,
+                dtype: KvDtype::F32,
+            },
+            dtype: KvDtype::F32,
+        };
+        let codec = KvPair::new("f32r", None, Arc::new(side(DK)), Arc::new(side(DV)));
+        let w = RecentWindow::new(2, 1, HEADS, (DK, DV), KvDtype::F32);
+        let (k, v) = (rows(0..1, 0, DK), rows(0..1, 0, DV));
+        let (mut tk, mut tv) = (Vec::new(), Vec::new());
+        w.tail(0, 0, (&k, &v), &codec, (&mut tk, &mut tv));
+        let (mut want_k, mut want_v) = (k.clone(), v.clone());
+        want_k.chunks_exact_mut(DK).for_each(wht_normalized);
+        want_v.chunks_exact_mut(DV).for_each(wht_normalized);
+        assert_eq!((tk, tv), (want_k, want_v));
+    }
+}
