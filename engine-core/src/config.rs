@@ -66,7 +66,7 @@ pub struct EngineSection {
     pub tp: usize,
     /// Each sequence's most recent tokens kept at the model dtype next to the quantized cache:
     /// every position reads its last `recent_window` tokens from there instead of through the
-    /// codec (the previous tokens carry most of a low-bit codec's loss). 0 turns it off; CPU.
+    /// codec (the previous tokens carry most of a low-bit codec's loss). 0 turns it off.
     pub recent_window: usize,
 }
 
@@ -337,19 +337,11 @@ impl EngineConfig {
                 &format!("must be at most {MAX_RECENT_WINDOW} tokens"),
             ));
         }
-        if e.recent_window > 0 {
-            let refuse = |why: &str| {
-                Err(ConfigError::Parse(format!(
-                    "engine.recent_window = {} {why}",
-                    e.recent_window
-                )))
-            };
-            if matches!(self.device()?, DeviceChoice::Cuda(_)) {
-                return refuse("runs on the CPU attention only; use device = \"cpu\"");
-            }
-            if self.speculative.is_some() {
-                return refuse("cannot be combined with speculative decoding yet");
-            }
+        if e.recent_window > 0 && self.speculative.is_some() {
+            return Err(ConfigError::Parse(format!(
+                "engine.recent_window = {} cannot be combined with speculative decoding yet",
+                e.recent_window
+            )));
         }
         if let Some(s) = &self.speculative {
             if s.method != "ngram" {
@@ -488,7 +480,6 @@ num_speculative_tokens = 4
             ("tp = 0", "at least 1"),
             ("device = \"tpu\"", "cuda:N"),
             ("recent_window = 257", "at most 256"),
-            ("recent_window = 4\ndevice = \"cuda\"", "CPU attention only"),
         ];
         for (line, needle) in cases {
             let err = EngineConfig::from_toml_str(&format!("[engine]\n{line}\n"))
@@ -501,8 +492,13 @@ num_speculative_tokens = 4
 
     #[test]
     fn recent_window_is_refused_with_speculative_decoding() {
-        let ok = EngineConfig::from_toml_str("[engine]\nrecent_window = 4\n").unwrap();
-        assert_eq!(ok.engine.recent_window, 4);
+        for device in ["cpu", "cuda"] {
+            let ok = EngineConfig::from_toml_str(&format!(
+                "[engine]\nrecent_window = 4\ndevice = \"{device}\"\n"
+            ))
+            .unwrap();
+            assert_eq!(ok.engine.recent_window, 4);
+        }
         let err = EngineConfig::from_toml_str(
             "[engine]\nrecent_window = 4\n[speculative]\nmethod = \"ngram\"\nnum_speculative_tokens = 2\n",
         )

@@ -7,6 +7,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use crate::cache::GpuCache;
 use crate::device::GpuContext;
 use crate::spec::{check_decode_layout, plan_splits, DecodePlan, KernelKind, Specialization};
+use crate::window::RecentPart;
 use crate::KernelError;
 
 /// Threads per CTA of `kvq_decode_split` (`DEC_WARPS` · 32).
@@ -30,6 +31,9 @@ pub struct DecodeBatch<'a> {
     pub num_heads: usize,
     /// Softmax scale, normally `1/√head_dim`.
     pub scale: f32,
+    /// The recent window's tokens, attended as one more partial (`context_lens` then counts
+    /// only the tokens read through the codec).
+    pub recent: Option<RecentPart<'a>>,
 }
 
 /// Scratch of the split-K partial results, grown on demand and reused.
@@ -131,8 +135,10 @@ pub fn decode_attention(
         batch.max_context.max(1),
         layout.block_size,
     );
-    ensure(gpu, &mut ws.part_o, n * h * plan.splits * dv)?;
-    ensure(gpu, &mut ws.part_ml, n * h * plan.splits * 2)?;
+    // The codec's splits, then the window's partial when there is one.
+    let partials = plan.splits + usize::from(batch.recent.is_some());
+    ensure(gpu, &mut ws.part_o, n * h * partials * dv)?;
+    ensure(gpu, &mut ws.part_ml, n * h * partials * 2)?;
     let (part_o, part_ml) = (
         ws.part_o.as_mut().expect("allocated"),
         ws.part_ml.as_mut().expect("allocated"),
@@ -145,7 +151,7 @@ pub fn decode_attention(
     let bt_stride = batch.max_blocks as i32;
     let kv_i = kv_heads as i32;
     let tps = plan.tokens_per_split as i32;
-    let splits = plan.splits as i32;
+    let splits = partials as i32;
     let qk_scale = batch.scale * std::f32::consts::LOG2_E;
     let stream = gpu.stream().clone();
     {
@@ -172,6 +178,17 @@ pub fn decode_attention(
         // above, the layout's alignment by `check_decode_layout`.
         unsafe { b.launch(cfg) }
             .map_err(|e| KernelError::driver("launching kvq_decode_split", e))?;
+    }
+    if let Some(recent) = &batch.recent {
+        recent.launch(
+            gpu,
+            &spec,
+            batch.q,
+            (layer, kv_heads, n),
+            qk_scale,
+            (&mut *part_o, &mut *part_ml),
+            partials,
+        )?;
     }
     {
         let mut b = stream.launch_builder(&reduce_fn);

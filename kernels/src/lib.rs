@@ -9,7 +9,8 @@
 //!   `engine_core::cache::PagedKvCache`, with the quantize-and-store launcher),
 //!   [`decode::decode_attention`] (split-K paged decode attention), [`blas`] (cuBLAS GEMMs),
 //!   [`runner::GpuLlama`] (the Llama forward pass on the GPU, registered with the engine as
-//!   the `device = "cuda"` runner) and [`timing`].
+//!   the `device = "cuda"` runner), [`window`] (the recent window's device rings) and
+//!   [`timing`].
 //!
 //! The `cuda` feature builds on machines without CUDA: the libraries are loaded at run time,
 //! and their absence is a [`KernelError`], never a panic.
@@ -30,6 +31,8 @@ pub mod device;
 pub mod runner;
 #[cfg(feature = "cuda")]
 pub mod timing;
+#[cfg(feature = "cuda")]
+pub mod window;
 
 /// The CUDA bindings the launchers take buffers of.
 #[cfg(feature = "cuda")]

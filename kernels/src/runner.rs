@@ -5,15 +5,15 @@
 //! over the first `position + 1` tokens of its sequence (causal), so every codec's
 //! dequantization is the verified one.
 
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
-use engine_core::cache::PagedKvCache;
+use engine_core::cache::{PagedKvCache, RecentWindow};
 use engine_core::model::{
-    check_logit_rows, DeviceRunner, DeviceRunnerRegistration, DeviceRunnerRequest, ForwardPass,
-    LlamaModel, LogitsFor, SeqInput,
+    check_logit_rows, lock_windows, DeviceRunner, DeviceRunnerRegistration, DeviceRunnerRequest,
+    ForwardPass, LlamaModel, LogitsFor, SeqInput,
 };
 use engine_core::ops::linear::{Linear, Path};
 use engine_core::{AttentionBackend, KvqError, ModelSpec};
@@ -23,6 +23,7 @@ use crate::cache::GpuCache;
 use crate::decode::{decode_attention, DecodeBatch, DecodeWorkspace};
 use crate::device::GpuContext;
 use crate::spec::{check_decode_layout, KernelKind, Specialization};
+use crate::window::{RecentPart, WindowRings, WindowStep};
 use crate::KernelError;
 
 /// Threads per CTA of the row kernels (`NORM_THREADS` in model.cu).
@@ -96,7 +97,10 @@ struct StepInputs {
     packed: CudaSlice<i32>,
     slots: CudaSlice<i32>,
     block_tables: CudaSlice<i32>,
+    /// Per row, the tokens attended through the codec (all but a recent window's).
     context_lens: CudaSlice<i32>,
+    /// The recent window's `WinRow`s (window.rs): attended, then kept; None without windows.
+    window_rows: Option<CudaSlice<i32>>,
     rows: usize,
     out_rows: usize,
     max_blocks: usize,
@@ -113,6 +117,13 @@ impl StepInputs {
     fn logit_rows(&self) -> CudaView<'_, i32> {
         self.packed
             .slice(2 * self.rows..2 * self.rows + self.out_rows)
+    }
+    /// The window rows each row attends to and the ones the rings keep.
+    fn window_rows(&self) -> Option<(CudaView<'_, i32>, CudaView<'_, i32>)> {
+        let half = 4 * self.rows;
+        self.window_rows
+            .as_ref()
+            .map(|w| (w.slice(..half), w.slice(half..2 * half)))
     }
 }
 
@@ -151,6 +162,8 @@ pub struct GpuLlama {
     max_positions: usize,
     fns: ModelFns,
     cache: Option<GpuCache>,
+    /// The recent window's rings (`engine.recent_window`), when on.
+    windows: Option<WindowRings>,
     acts: Acts,
     decode_ws: DecodeWorkspace,
     logits: Option<CudaSlice<f32>>,
@@ -280,6 +293,7 @@ impl GpuLlama {
             max_positions: model.rope().max_positions(),
             fns: ModelFns::load(gpu)?,
             cache: None,
+            windows: None,
             acts: Acts::default(),
             decode_ws: DecodeWorkspace::default(),
             logits: None,
@@ -325,6 +339,16 @@ impl GpuLlama {
         Ok(())
     }
 
+    /// Keeps a recent window of `n` tokens for up to `slots` sequences at a time (the
+    /// scheduler's `max_batch_size`), beside the attached cache.
+    pub fn set_recent_window(&mut self, n: usize, slots: usize) -> Result<(), KernelError> {
+        let cache = self.cache.as_ref().ok_or_else(|| {
+            KernelError::InvalidArgument("attach the cache before its recent window".into())
+        })?;
+        self.windows = Some(WindowRings::new(cache, n, slots)?);
+        Ok(())
+    }
+
     pub fn gpu(&self) -> &Arc<GpuContext> {
         &self.gpu
     }
@@ -337,6 +361,7 @@ impl GpuLlama {
     fn inputs(
         &self,
         seqs: &[SeqInput<'_>],
+        windows: &[Option<MutexGuard<'_, RecentWindow>>],
         logit_rows: &[usize],
         cache: &GpuCache,
     ) -> Result<StepInputs, KvqError> {
@@ -350,10 +375,10 @@ impl GpuLlama {
             .unwrap_or(0)
             .max(1);
         let (mut tokens, mut positions, mut slots) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut tables, mut lens, mut out_rows) = (Vec::new(), Vec::new(), Vec::new());
-        let mut max_context = 0;
+        let (mut tables, mut out_rows) = (Vec::new(), Vec::new());
+        let mut step = WindowStep::default();
         check_logit_rows(seqs, logit_rows)?;
-        for (seq, &wanted) in seqs.iter().zip(logit_rows) {
+        for ((seq, &wanted), window) in seqs.iter().zip(logit_rows).zip(windows) {
             let end = seq.start_pos + seq.tokens.len();
             if end > self.max_positions {
                 return Err(bad(format!(
@@ -376,6 +401,11 @@ impl GpuLlama {
             }
             let mut row_table: Vec<i32> = blocks.iter().map(|&b| b as i32).collect();
             row_table.resize(max_blocks, 0);
+            step.push_chunk(
+                (seq.start_pos, seq.tokens.len(), tokens.len()),
+                window.as_deref(),
+                self.windows.as_ref(),
+            )?;
             for (i, &t) in seq.tokens.iter().enumerate() {
                 if t as usize >= s.vocab_size {
                     return Err(bad(format!(
@@ -391,10 +421,9 @@ impl GpuLlama {
                 positions.push(pos as i32);
                 slots.push(seq.block_table.slot(pos, bs) as i32);
                 tables.extend_from_slice(&row_table);
-                lens.push(pos as i32 + 1);
-                max_context = max_context.max(pos + 1);
             }
         }
+        let max_context = step.codec_context.iter().copied().max().unwrap_or(0) as usize;
         let g = &*self.gpu;
         let dev = |e: KernelError| device_error(g, e);
         // The layout the accessors of `StepInputs` slice.
@@ -405,7 +434,13 @@ impl GpuLlama {
             packed: upload(g, &packed, "tokens, positions and logit rows").map_err(dev)?,
             slots: upload(g, &slots, "slots").map_err(dev)?,
             block_tables: upload(g, &tables, "block tables").map_err(dev)?,
-            context_lens: upload(g, &lens, "context lengths").map_err(dev)?,
+            context_lens: upload(g, &step.codec_context, "context lengths").map_err(dev)?,
+            window_rows: match step.any() {
+                true => Some(
+                    upload(g, &[step.attend, step.keep].concat(), "window rows").map_err(dev)?,
+                ),
+                false => None,
+            },
             max_blocks,
             max_context,
         })
@@ -533,17 +568,29 @@ impl GpuLlama {
                 )?;
             }
             cache.store(l, &a.k, &a.v, &inp.slots, rows)?;
-            let batch = DecodeBatch {
-                q: &a.q,
-                block_tables: &inp.block_tables,
-                max_blocks: inp.max_blocks,
-                context_lens: &inp.context_lens,
-                batch: rows,
-                max_context: inp.max_context,
-                num_heads: heads,
-                scale,
-            };
-            decode_attention(cache, l, &batch, &mut a.attn, &mut self.decode_ws)?;
+            let window = inp.window_rows().zip(self.windows.as_mut());
+            {
+                let batch = DecodeBatch {
+                    q: &a.q,
+                    block_tables: &inp.block_tables,
+                    max_blocks: inp.max_blocks,
+                    context_lens: &inp.context_lens,
+                    batch: rows,
+                    max_context: inp.max_context,
+                    num_heads: heads,
+                    scale,
+                    recent: window.as_ref().map(|((attend, _), rings)| RecentPart {
+                        rings,
+                        k_new: &a.k,
+                        v_new: &a.v,
+                        rows: attend,
+                    }),
+                };
+                decode_attention(cache, l, &batch, &mut a.attn, &mut self.decode_ws)?;
+            }
+            if let Some(((_, keep), rings)) = window {
+                rings.keep(cache, l, (&a.k, &a.v), &keep, rows)?;
+            }
             {
                 let n = n_elems(rows * d.attn);
                 let mut b = stream.launch_builder(&fns.to_f16);
@@ -628,11 +675,18 @@ impl GpuLlama {
             .cache
             .as_ref()
             .ok_or_else(|| KvqError::InvalidArgument("the GPU model has no cache".into()))?;
-        let inp = self.inputs(seqs, logit_rows, cache)?;
+        let mut windows = lock_windows(seqs)?;
+        let inp = self.inputs(seqs, &windows, logit_rows, cache)?;
         if inp.rows == 0 {
             return Ok(0);
         }
         self.run(&inp).map_err(|e| device_error(&g, e))?;
+        // The rings hold this pass's positions now (the host windows only track the end).
+        for (w, seq) in windows.iter_mut().zip(seqs) {
+            if let Some(w) = w {
+                w.advance(seq.tokens.len());
+            }
+        }
         Ok(inp.out_rows)
     }
 
@@ -790,6 +844,11 @@ pub fn build_cuda_runner(req: DeviceRunnerRequest<'_>) -> Result<DeviceRunner, K
     )
     .map_err(dev)?;
     model.set_cache(cache).map_err(dev)?;
+    if req.resolved.recent_window > 0 {
+        model
+            .set_recent_window(req.resolved.recent_window, req.config.engine.max_batch_size)
+            .map_err(dev)?;
+    }
     Ok(DeviceRunner {
         runner: Box::new(model),
         plan,

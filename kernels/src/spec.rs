@@ -10,7 +10,12 @@ use crate::KernelError;
 
 const COMMON: &str = include_str!("cuda/common.cuh");
 const STORE: &str = include_str!("cuda/store.cu");
-const DECODE: &str = include_str!("cuda/decode.cu");
+/// The decode module: the codec's split-K attention and merge, and the recent window's partial.
+const DECODE: &str = concat!(
+    include_str!("cuda/decode.cu"),
+    "\n",
+    include_str!("cuda/recent.cu")
+);
 const MODEL: &str = include_str!("cuda/model.cu");
 
 /// How one side (K or V) of a cache entry is stored, as the kernels read and write it.

@@ -42,7 +42,7 @@ pub struct EngineArgs {
     #[arg(long)]
     pub tp: Option<usize>,
     /// Keep each sequence's last N tokens at the model dtype beside the quantized cache; every
-    /// position reads them instead of the codec's bytes (engine.recent_window; CPU).
+    /// position reads them instead of the codec's bytes (engine.recent_window).
     #[arg(long = "recent-window")]
     pub recent_window: Option<usize>,
     /// Speculative decoding with n-gram (prompt lookup) drafts: draft tokens verified per

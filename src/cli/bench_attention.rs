@@ -301,6 +301,7 @@ mod imp {
             max_context: shape.context,
             num_heads: shape.q_heads,
             scale: 1.0 / (d as f32).sqrt(),
+            recent: None,
         };
         let mut splits = 0;
         let times = time_runs(gpu, a.warmup, a.iters, |i| {

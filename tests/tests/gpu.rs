@@ -470,6 +470,7 @@ fn run_decode_case(
             max_context: *ctx.iter().max().unwrap(),
             num_heads,
             scale,
+            recent: None,
         },
         &mut out,
         &mut ws,

@@ -19,7 +19,12 @@ pub struct RecentWindow {
     /// Positions `end - held .. end` are held; position p sits in ring slot p % n.
     end: usize,
     held: usize,
-    /// `[layer][slot][head][dk]` and `[layer][slot][head][dv]`, `dtype` bytes per value.
+    /// Which of the device's rings holds this window's values when attention runs on a GPU
+    /// (given by the scheduler, one per running sequence; the host copy is then unused).
+    device_slot: usize,
+    layers: usize,
+    /// `[layer][slot][head][dk]` and `[layer][slot][head][dv]`, `dtype` bytes per value,
+    /// allocated on the first write (a device-side window never writes them).
     k: Vec<u8>,
     v: Vec<u8>,
 }
@@ -32,7 +37,6 @@ impl RecentWindow {
         (dk, dv): (usize, usize),
         dtype: KvDtype,
     ) -> Self {
-        let b = dtype.size_bytes();
         Self {
             n,
             heads,
@@ -41,9 +45,22 @@ impl RecentWindow {
             dtype,
             end: 0,
             held: 0,
-            k: vec![0; layers * n * heads * dk * b],
-            v: vec![0; layers * n * heads * dv * b],
+            device_slot: 0,
+            layers,
+            k: Vec::new(),
+            v: Vec::new(),
         }
+    }
+
+    /// The same window held in device ring `slot`.
+    pub fn with_device_slot(mut self, slot: usize) -> Self {
+        self.device_slot = slot;
+        self
+    }
+
+    /// The device ring that holds this window (see [`RecentWindow::with_device_slot`]).
+    pub fn device_slot(&self) -> usize {
+        self.device_slot
     }
 
     /// Tokens each position reads from the window.
@@ -140,6 +157,7 @@ impl RecentWindow {
     }
 
     /// The chunk of `count` positions is in every layer: the window now ends after it.
+    /// A device runner that keeps the values itself calls only this.
     pub fn advance(&mut self, count: usize) {
         self.end += count;
         self.held = (self.held + count).min(self.n);
@@ -156,6 +174,11 @@ impl RecentWindow {
     }
 
     fn write(&mut self, layer: usize, p: usize, k: &[f32], v: &[f32]) {
+        if self.k.is_empty() {
+            let b = self.dtype.size_bytes() * self.layers * self.n * self.heads;
+            self.k = vec![0; b * self.dk];
+            self.v = vec![0; b * self.dv];
+        }
         let (bk, bv) = (self.base(layer, p, self.dk), self.base(layer, p, self.dv));
         for (i, &x) in k.iter().enumerate() {
             self.dtype.store_at(x, &mut self.k, bk + i);

@@ -324,6 +324,12 @@ impl Engine {
         self.sched.set_limits(limits);
     }
 
+    /// See `Scheduler::window_slots`.
+    #[cfg(test)]
+    pub(super) fn window_slots(&self) -> (Vec<usize>, bool) {
+        self.sched.window_slots()
+    }
+
     /// Blocks held by active requests; with [`Engine::free_blocks`] it must add up to the
     /// pool.
     #[cfg(test)]

@@ -260,6 +260,21 @@ impl Scheduler {
         self.running.len()
     }
 
+    /// The device window slots of the running sequences, and whether a waiting one holds a
+    /// window (for slot checks).
+    #[cfg(test)]
+    pub(super) fn window_slots(&self) -> (Vec<usize>, bool) {
+        let slot = |s: &Sequence| {
+            s.window
+                .as_ref()
+                .map(|w| w.lock().expect("unpoisoned").device_slot())
+        };
+        (
+            self.running.iter().filter_map(slot).collect(),
+            self.waiting.iter().any(|s| s.window.is_some()),
+        )
+    }
+
     /// Blocks held by waiting and running sequences (for accounting checks).
     #[cfg(test)]
     pub(super) fn held_blocks(&self) -> usize {
@@ -330,9 +345,29 @@ impl Scheduler {
                 break;
             }
             let mut seq = self.waiting.pop_front().expect("front exists");
-            seq.window = self.window.clone().map(Mutex::new);
+            let slot = self.free_window_slot();
+            seq.window = self
+                .window
+                .clone()
+                .map(|w| Mutex::new(w.with_device_slot(slot)));
             self.running.push(seq);
         }
+    }
+
+    /// The lowest device window slot no running sequence holds (fewer than `max_batch_size`
+    /// sequences run, so it is below that: a device runner keeps that many rings).
+    fn free_window_slot(&self) -> usize {
+        let held = |slot| {
+            self.running.iter().any(|s| {
+                s.window.as_ref().is_some_and(|w| {
+                    w.lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .device_slot()
+                        == slot
+                })
+            })
+        };
+        (0..).find(|&slot| !held(slot)).expect("a free slot")
     }
 
     /// Releases the blocks of the most recently admitted sequence and puts it back at the head

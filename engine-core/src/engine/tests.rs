@@ -90,6 +90,25 @@ fn assert_accounted(e: &Engine) {
     );
 }
 
+/// With a recent window, each running request holds one in its own device slot below
+/// `max_batch_size` (a GPU keeps that many rings), and no waiting request holds one.
+fn assert_window_slots(e: &Engine) {
+    let (mut slots, waiting_holds) = e.window_slots();
+    assert!(!waiting_holds, "a preempted request kept its window");
+    let running = slots.len();
+    slots.sort_unstable();
+    slots.dedup();
+    assert_eq!(
+        slots.len(),
+        running,
+        "two running requests share a window slot"
+    );
+    assert!(
+        slots.iter().all(|&s| s < e.config.engine.max_batch_size),
+        "{slots:?}"
+    );
+}
+
 fn alone(e: &mut Engine, r: &Request) -> GenerationOutput {
     e.generate(vec![r.clone()], &mut |_| {}).unwrap().remove(0)
 }
@@ -121,6 +140,7 @@ fn preemption_matches_alone(mut e: Engine) {
         }
         e.step(&mut events).unwrap();
         assert_accounted(&e);
+        assert_window_slots(&e);
         for (id, out) in e.take_finished() {
             outputs[ids.iter().position(|&i| i == id).unwrap()] = Some(out);
         }

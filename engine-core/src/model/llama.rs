@@ -64,7 +64,7 @@ pub enum LogitsFor {
 
 /// Locks every sequence's recent window for the pass; a window that does not end where its
 /// chunk starts is cleared when the chunk starts at 0 (a recompute) and an error otherwise.
-fn lock_windows<'a>(
+pub fn lock_windows<'a>(
     seqs: &'a [SeqInput<'_>],
 ) -> Result<Vec<Option<MutexGuard<'a, RecentWindow>>>, KvqError> {
     seqs.iter()

@@ -14,7 +14,7 @@ pub(crate) mod hf_dir_tests;
 mod window_tests;
 
 pub use self::safetensors::{hf_tensor_name, SafetensorsWeights, SAFETENSORS_INDEX};
-pub use llama::{check_logit_rows, LlamaLayer, LlamaModel, LogitsFor, SeqInput};
+pub use llama::{check_logit_rows, lock_windows, LlamaLayer, LlamaModel, LogitsFor, SeqInput};
 pub use random::{
     check_fits_in_memory, f32_weight_bytes, layers_from, model_shape, parameter_count,
     random_llama, MODEL_SHAPES,

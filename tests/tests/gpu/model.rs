@@ -2,7 +2,9 @@
 //! steps fed the CPU's greedy tokens) through both, per backend and policy, logits compared row
 //! by row: top-1 agreement (strict, and up to f16 near ties) and KL(CPU ‖ GPU).
 
-use engine_core::cache::{BlockPool, BlockTable, PagedKvCache};
+use std::sync::Mutex;
+
+use engine_core::cache::{BlockPool, BlockTable, PagedKvCache, RecentWindow};
 use engine_core::config::QuantPolicy;
 use engine_core::engine::Engine;
 use engine_core::eval::agreement::{agreement, Agreement};
@@ -42,9 +44,33 @@ fn compare(reference: &[f32], other: &[f32], vocab: usize) -> Agreement {
     agreement(reference, other, vocab).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// One step's inputs: sequence `i` runs tokens `range[i]` (None: idle this step).
+fn step_inputs<'a>(
+    range: &[Option<(usize, usize)>],
+    seqs: &'a [Vec<u32>],
+    tables: &'a [BlockTable],
+    windows: &'a [Option<Mutex<RecentWindow>>],
+) -> Vec<SeqInput<'a>> {
+    range
+        .iter()
+        .zip(seqs)
+        .zip(tables)
+        .zip(windows)
+        .filter_map(|(((r, s), tb), w)| {
+            r.map(|(a, b)| SeqInput {
+                tokens: &s[a..b],
+                start_pos: a,
+                block_table: tb,
+                window: w.as_ref(),
+            })
+        })
+        .collect()
+}
+
 /// Runs `seqs` teacher-forced through the CPU model and the GPU runner of `cfg`: the first
-/// `prompt` tokens of each as one prefill chunk (every row's logits), then the rest one decode
-/// step at a time. Returns the (CPU, GPU) logits of every position.
+/// `prompt` tokens of each as prefill (every row's logits; two chunks with a recent window, so
+/// a chunk reads the window both from the ring and from its own rows), then the rest one
+/// decode step at a time. Returns the (CPU, GPU) logits of every position.
 fn run_case(
     model: &LlamaModel,
     cfg: &EngineConfig,
@@ -78,45 +104,61 @@ fn run_case(
         .collect();
     // The later sequences' blocks first, so no table starts at block 0.
     tables.reverse();
+    // (prompt chunks, decode steps): each step's token range per sequence (None: idle).
+    let windowed = r.recent_window > 0;
+    let mut ranges: Vec<Vec<Option<(usize, usize)>>> = if windowed {
+        let split = |p: usize| p / 2 + 1;
+        vec![
+            prompt.iter().map(|&p| Some((0, split(p)))).collect(),
+            prompt.iter().map(|&p| Some((split(p), p))).collect(),
+        ]
+    } else {
+        vec![prompt.iter().map(|&p| Some((0, p))).collect()]
+    };
+    let prefill_steps = ranges.len();
     let steps = seqs
         .iter()
         .zip(prompt)
         .map(|(s, &p)| s.len() - p)
         .max()
         .unwrap();
-    let (mut cpu_all, mut gpu_all) = (Vec::new(), Vec::new());
-    for step in 0..=steps {
-        let (which, inputs): (LogitsFor, Vec<SeqInput<'_>>) = if step == 0 {
-            let inputs = seqs
-                .iter()
+    for step in 1..=steps {
+        ranges.push(
+            seqs.iter()
                 .zip(prompt)
-                .zip(&tables)
-                .map(|((s, &p), tb)| SeqInput {
-                    tokens: &s[..p],
-                    start_pos: 0,
-                    block_table: tb,
-                    window: None,
-                })
-                .collect();
-            (LogitsFor::AllTokens, inputs)
+                .map(|(s, &p)| (p + step <= s.len()).then_some((p + step - 1, p + step)))
+                .collect(),
+        );
+    }
+    // Each side's own windows (each advances them), in distinct device slots.
+    let new_windows = || -> Vec<_> {
+        (0..seqs.len())
+            .map(|i| {
+                r.new_recent_window()
+                    .map(|w| Mutex::new(w.with_device_slot(i)))
+            })
+            .collect()
+    };
+    let (cpu_windows, gpu_windows) = (new_windows(), new_windows());
+    // (sequence, position, CPU row, GPU row), put in sequence and position order at the end
+    // so that chunkings compare row by row.
+    let mut rows = Vec::new();
+    let vocab = spec.vocab_size;
+    for (step, range) in ranges.iter().enumerate() {
+        let which = if step < prefill_steps {
+            LogitsFor::AllTokens
         } else {
-            let inputs = seqs
-                .iter()
-                .zip(prompt)
-                .zip(&tables)
-                .filter(|((s, &p), _)| p + step <= s.len())
-                .map(|((s, &p), tb)| SeqInput {
-                    tokens: &s[p + step - 1..p + step],
-                    start_pos: p + step - 1,
-                    block_table: tb,
-                    window: None,
-                })
-                .collect();
-            (LogitsFor::LastToken, inputs)
+            LogitsFor::LastToken
         };
         let cpu = model
-            .forward(r.backend.as_ref(), &mut cpu_cache, &inputs, which)
+            .forward(
+                r.backend.as_ref(),
+                &mut cpu_cache,
+                &step_inputs(range, seqs, &tables, &cpu_windows),
+                which,
+            )
             .unwrap();
+        let inputs = step_inputs(range, seqs, &tables, &gpu_windows);
         let mut gpu = vec![f32::NAN; cpu.len()];
         gpu.copy_from_slice(
             &dev.runner
@@ -130,10 +172,32 @@ fn run_case(
                 )
                 .unwrap_or_else(|e| panic!("{e}")),
         );
-        cpu_all.extend(cpu);
-        gpu_all.extend(gpu);
+        let positions = range.iter().enumerate().flat_map(|(i, r)| {
+            let (a, b) = r.unwrap_or((0, 0));
+            let first = if step < prefill_steps {
+                a
+            } else {
+                b.max(1) - 1
+            };
+            (first..b).map(move |p| (i, p))
+        });
+        let (cpu, gpu) = (cpu.chunks_exact(vocab), gpu.chunks_exact(vocab));
+        assert_eq!(cpu.len(), positions.clone().count());
+        rows.extend(
+            positions
+                .zip(cpu.zip(gpu))
+                .map(|((i, p), (c, g))| (i, p, c.to_vec(), g.to_vec())),
+        );
     }
-    (cpu_all, gpu_all)
+    rows.sort_by_key(|r| (r.0, r.1));
+    rows.into_iter().map(|(_, _, c, g)| (c, g)).fold(
+        (Vec::new(), Vec::new()),
+        |(mut cpu, mut gpu), (c, g)| {
+            cpu.extend(c);
+            gpu.extend(g);
+            (cpu, gpu)
+        },
+    )
 }
 
 /// Per backend and policy: the GPU model against the CPU model with the same policy (top-1
@@ -147,7 +211,8 @@ fn run_case(
 /// errors of a top-1 rate near 75 % over 300 positions).
 /// Per backend, its fp16 cache first (the reference), then every policy with a GPU kernel and,
 /// on the pytorch backend, `[cache]` side pairings with GPU kernels (rotated int4 both ways;
-/// rotated int4 K with the un-shrunk 2-bit V).
+/// rotated int4 K with the un-shrunk 2-bit V; 4-bit Lloyd-Max K with it) and recent windows
+/// (`+wN`, after the same cache without one: fp16, policy 42, lm4/lm2u).
 fn cases_per_backend() -> Vec<Vec<(String, EngineConfig)>> {
     use engine_core::config::{CacheSection, SideKind};
     let policies = |backend: &'static str, ps: &[u32]| -> Vec<(String, EngineConfig)> {
@@ -159,6 +224,7 @@ fn cases_per_backend() -> Vec<Vec<(String, EngineConfig)>> {
     for (k, v) in [
         (SideKind::Int4, SideKind::Int4),
         (SideKind::Int4, SideKind::Lm2u),
+        (SideKind::Lm4, SideKind::Lm2u),
     ] {
         let mut c = config("pytorch", 0, "cuda");
         c.cache = Some(CacheSection {
@@ -170,6 +236,19 @@ fn cases_per_backend() -> Vec<Vec<(String, EngineConfig)>> {
         let name = format!("pytorch:{}", c.cache.as_ref().expect("set").codec_name());
         pytorch.push((name, c));
     }
+    for (base, window) in [
+        ("pytorch:0", 4),
+        ("pytorch:42", 4),
+        ("pytorch:k:lm4+v:lm2u", 16),
+    ] {
+        let (_, c) = pytorch
+            .iter()
+            .find(|(n, _)| n == base)
+            .unwrap_or_else(|| panic!("no case {base}"));
+        let mut c = c.clone();
+        c.engine.recent_window = window;
+        pytorch.push((format!("{base}+w{window}"), c));
+    }
     vec![pytorch, policies("turbomind", &[0, 8, 4])]
 }
 
@@ -178,6 +257,7 @@ fn check_model(label: &str, model: &LlamaModel, seqs: &[Vec<u32>], prompt: &[usi
     let mut failures = Vec::new();
     for cases in cases_per_backend() {
         let mut reference = None;
+        let mut cpu_of = std::collections::HashMap::new();
         for (name, cfg) in cases {
             let fp16 = name.ends_with(":0");
             let t0 = std::time::Instant::now();
@@ -213,6 +293,20 @@ fn check_model(label: &str, model: &LlamaModel, seqs: &[Vec<u32>], prompt: &[usi
                     direct.top1_rate()
                 ));
             }
+            // A window must be read: the GPU stays closer to the CPU with the window than the
+            // window's own effect on the CPU (a lossy cache only; fp16 barely changes).
+            if let Some((base, _)) = name.split_once("+w") {
+                let plain: &Vec<f32> = &cpu_of[base];
+                let effect = compare(&cpu, plain, vocab).mean_kld();
+                eprintln!("{label} {name}: the window moves the CPU's logits by KLD {effect:.2e}");
+                if !base.ends_with(":0") && kld > 0.5 * effect {
+                    failures.push(format!(
+                        "{label} {name}: GPU vs CPU KLD {kld:.2e} is not well below the \
+                         window's effect {effect:.2e}"
+                    ));
+                }
+            }
+            cpu_of.insert(name, cpu);
         }
     }
     assert!(
