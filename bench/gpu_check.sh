@@ -5,6 +5,7 @@
 #   cargo build --release --bin kvq --features cuda                                  -> DIR/kvq
 # Usage: bench/gpu_check.sh [DIR] [LOGDIR]   (what each step printed is kept in LOGDIR)
 set -uo pipefail
+export NCCL_NVLS_ENABLE=0  # NCCL's NVLink multicast off (tensor parallelism)
 DIR=${1:-.gpu}
 LOG=${2:-${OUT:-/tmp/kvq-gpu}}
 mkdir -p "$LOG"

@@ -5,6 +5,7 @@
 # prompts per policy.
 # Usage: bench/gpu_model.sh [DIR] [MODEL] [LOGDIR]
 set -uo pipefail
+export NCCL_NVLS_ENABLE=0  # NCCL's NVLink multicast off (tensor parallelism)
 DIR=${1:-.gpu}
 MODEL=${2:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 LOG=${3:-${OUT:-/tmp/kvq-gpu}}

@@ -227,5 +227,20 @@ mod tests {
         c.engine.tp = 2;
         let msg = rejection(&ModelSpec::smollm2_135m(), &c);
         assert_mentions(&msg, &["tp = 2", "3 KV heads"]);
+        // every rank needs whole KV heads and an equal MLP slice
+        let spec = ModelSpec {
+            num_kv_heads: 2,
+            num_heads: 6,
+            intermediate_size: 1538,
+            ..ModelSpec::smollm2_135m()
+        };
+        c.engine.tp = 4;
+        assert_mentions(&rejection(&spec, &c), &["tp = 4", "2 KV heads"]);
+        c.engine.tp = 2;
+        let odd_ff = ModelSpec {
+            intermediate_size: 1537,
+            ..spec
+        };
+        assert_mentions(&rejection(&odd_ff, &c), &["tp = 2", "1537 MLP rows"]);
     }
 }

@@ -134,11 +134,17 @@ pub fn validate_common(
         backend: backend.to_string(),
         reason,
     };
-    if spec.num_kv_heads % cfg.engine.tp != 0 {
-        return Err(unsupported(format!(
-            "tp = {} does not divide the model's {} KV heads",
-            cfg.engine.tp, spec.num_kv_heads
-        )));
+    // Each rank holds whole KV heads (so whole query groups) and an equal slice of the MLP.
+    let tp = cfg.engine.tp;
+    for (count, what) in [
+        (spec.num_kv_heads, "KV heads"),
+        (spec.intermediate_size, "MLP rows (intermediate_size)"),
+    ] {
+        if count % tp != 0 {
+            return Err(unsupported(format!(
+                "tp = {tp} does not divide the model's {count} {what}"
+            )));
+        }
     }
     if let DeviceChoice::Cuda(_) = cfg.device()? {
         if crate::model::device_runner_factory("cuda").is_none() {

@@ -264,17 +264,17 @@ impl EngineConfig {
         })?)
     }
 
-    /// Refuses `tp > 1` where a model is about to run: tensor parallelism is planned
-    /// (`kvq check-config` shows one rank's share of the cache) but not executed yet, and a
-    /// rank-sized cache under a whole model would fail on its first write.
+    /// Refuses `tp > 1` where a model is about to run on the CPU: tensor parallelism splits
+    /// the model over GPUs (`device = "cuda"` or `"cuda:N"`, GPUs N .. N + tp), and a
+    /// rank-sized cache under a whole CPU model would fail on its first write.
     pub fn check_tp_runs(&self) -> Result<(), ConfigError> {
         let tp = self.engine.tp;
-        if tp > 1 {
+        if tp > 1 && !matches!(self.device()?, DeviceChoice::Cuda(_)) {
             return Err(ConfigError::Unsupported {
                 backend: self.engine.backend.clone(),
                 reason: format!(
-                    "tp = {tp} splits the model over {tp} GPUs, which this version does not run yet \
-                     (`kvq check-config` plans one rank's share of the cache); use tp = 1"
+                    "tp = {tp} splits the model over {tp} GPUs: set device = \"cuda\" \
+                     (the CPU runs tp = 1)"
                 ),
             });
         }

@@ -4,6 +4,8 @@
 //!
 //! - [`spec`]: which codec, dtype and shape a kernel is specialised for, and the flattened cache
 //!   layout the kernels address bytes with (pure data, always built);
+//! - [`tp`]: tensor parallelism, the per-rank weight split (always built) and, with `cuda`,
+//!   the NCCL all-reduce over the ranks' devices;
 //! - with the `cuda` feature: [`device::GpuContext`] (context, stream, module cache),
 //!   [`cache::GpuCache`] (the paged cache in device memory, same bytes as
 //!   `engine_core::cache::PagedKvCache`, with the quantize-and-store launcher),
@@ -18,6 +20,10 @@
 mod error;
 pub mod nvrtc;
 pub mod spec;
+/// Tensor parallelism over the GPUs of one host: the Megatron split of each layer's weights
+/// (host side, always built, so it is tested without a GPU) and, with `cuda`, the NCCL
+/// communicators whose all-reduce joins the ranks' partial sums.
+pub mod tp;
 
 #[cfg(feature = "cuda")]
 pub mod blas;

@@ -47,23 +47,26 @@ fn parse_config(base: &EngineConfig, s: &str) -> Result<EngineConfig, KvqError> 
         KvqError::InvalidArgument(format!(
             "--configs entry `{s}`: {why}; write BACKEND:POLICY or \
              BACKEND:k=SIDE,v=SIDE[,rotate][,first=N,last=N,ek=SIDE,ev=SIDE], either with an \
-             optional ,window=N (engine.recent_window)"
+             optional ,window=N (engine.recent_window) and ,tp=N (GPUs, engine.tp)"
         ))
     };
     let (backend, rest) = s.split_once(':').ok_or_else(|| bad("no `:`"))?;
     let mut c = base.clone();
     c.engine.backend = backend.to_string();
     c.cache = None;
-    // `window=N` goes with either form; the rest names the codec.
+    // `window=N` and `tp=N` go with either form; the rest names the codec.
     let mut items = Vec::new();
     for item in rest.split(',') {
-        match item.strip_prefix("window=") {
-            Some(n) => {
-                c.engine.recent_window = n
-                    .parse::<usize>()
-                    .map_err(|_| bad(&format!("`{n}` is not a token count")))?
-            }
-            None => items.push(item),
+        let number = |n: &str, what: &str| {
+            n.parse::<usize>()
+                .map_err(|_| bad(&format!("`{n}` is not {what}")))
+        };
+        if let Some(n) = item.strip_prefix("window=") {
+            c.engine.recent_window = number(n, "a token count")?;
+        } else if let Some(n) = item.strip_prefix("tp=") {
+            c.engine.tp = number(n, "a GPU count")?;
+        } else {
+            items.push(item);
         }
     }
     let rest = items.join(",");
@@ -112,4 +115,24 @@ fn parse_config(base: &EngineConfig, s: &str) -> Result<EngineConfig, KvqError> 
     }
     c.validate()?;
     Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_and_tp_go_with_either_form() {
+        let base = EngineConfig::default();
+        let list = ["pytorch:42,tp=2,pytorch:k=lm4,v=lm2u,window=16,tp=4".to_string()];
+        let (names, got) = parse_configs(&base, &list, &[]).unwrap();
+        assert_eq!(names.len(), 2);
+        assert_eq!((got[0].engine.tp, got[0].engine.recent_window), (2, 0));
+        assert_eq!((got[1].engine.tp, got[1].engine.recent_window), (4, 16));
+        assert!(got[1].cache.is_some());
+        let err = parse_configs(&base, &["pytorch:8,tp=two".to_string()], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`two` is not a GPU count"), "{err}");
+    }
 }

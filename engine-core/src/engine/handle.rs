@@ -46,6 +46,9 @@ pub struct EngineInfo {
     /// Most tokens (prompt + generated) of one request.
     pub session_len: usize,
     pub max_batch_size: usize,
+    /// GPUs the model is split over (tensor parallelism; 1 on the CPU).
+    pub tp: usize,
+    /// Blocks of the cache (of each rank's share with tp > 1).
     pub num_blocks: usize,
     pub block_size: usize,
     pub token_capacity: usize,
@@ -64,6 +67,7 @@ impl EngineInfo {
             codec: engine.resolved.codec_name(),
             policy: engine.resolved.codec.policy(),
             session_len: engine.limits().session_len,
+            tp: engine.config.engine.tp,
             max_batch_size: engine.limits().max_batch_size,
             num_blocks: engine.plan.num_blocks,
             block_size: engine.plan.block_size,

@@ -107,6 +107,7 @@ struct Row {
     backend: String,
     policy: Option<u32>,
     codec: String,
+    tp: usize,
     num_blocks: usize,
     block_size: usize,
     token_capacity: usize,
@@ -408,6 +409,7 @@ fn summarize(
         backend: info.backend.clone(),
         policy: info.policy,
         codec: info.codec.clone(),
+        tp: info.tp,
         num_blocks: info.num_blocks,
         block_size: info.block_size,
         token_capacity: info.token_capacity,
@@ -439,8 +441,8 @@ fn summarize(
 /// The results as a table: one line per configuration.
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<10} {:>6} {:<12} {:>7} {:>9} {:>6} {:>8} {:>9} {:>9} {:>22} {:>22} {:>22} {:>5} {:>7} {:>11}",
-        "backend", "policy", "codec", "blocks", "tokens", "x fp16", "req/s", "in tok/s",
+        "{:<10} {:>6} {:<12} {:>3} {:>7} {:>9} {:>6} {:>8} {:>9} {:>9} {:>22} {:>22} {:>22} {:>5} {:>7} {:>11}",
+        "backend", "policy", "codec", "tp", "blocks", "tokens", "x fp16", "req/s", "in tok/s",
         "out tok/s", "TTFT ms mean/p50/p99", "TPOT ms mean/p50/p99", "ITL ms mean/p50/p99",
         "peak", "preempt", "spec acc"
     );
@@ -457,10 +459,11 @@ fn print_table(rows: &[Row]) {
             )
         };
         println!(
-            "{:<10} {:>6} {:<12} {:>7} {:>9} {:>6.2} {:>8.2} {:>9.1} {:>9.1} {:>22} {:>22} {:>22} {:>5} {:>7} {:>11}",
+            "{:<10} {:>6} {:<12} {:>3} {:>7} {:>9} {:>6.2} {:>8.2} {:>9.1} {:>9.1} {:>22} {:>22} {:>22} {:>5} {:>7} {:>11}",
             r.backend,
             r.policy.map_or("-".into(), |p| p.to_string()),
             r.codec,
+            r.tp,
             r.num_blocks,
             r.token_capacity,
             r.ratio_to_fp16,

@@ -4,26 +4,36 @@
 //! bytes. Prefill attention runs through that decode kernel too: each prompt row is one query
 //! over the first `position + 1` tokens of its sequence (causal), so every codec's
 //! dequantization is the verified one.
+//!
+//! A [`GpuLlama`] is one tensor-parallel rank (the whole model on one GPU); `pass` runs a
+//! forward pass in the phases ranks all-reduce between, and [`TpLlama`] (`parallel`) drives
+//! the ranks: the engine's CUDA runner, with `tp = 1` as well.
+
+mod parallel;
+mod pass;
+
+pub use parallel::TpLlama;
 
 use std::sync::{Arc, MutexGuard};
 
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
-use engine_core::cache::{PagedKvCache, RecentWindow};
+use engine_core::cache::RecentWindow;
 use engine_core::model::{
     check_logit_rows, lock_windows, DeviceRunner, DeviceRunnerRegistration, DeviceRunnerRequest,
-    ForwardPass, LlamaModel, LogitsFor, SeqInput,
+    LlamaModel, LogitsFor, SeqInput,
 };
-use engine_core::ops::linear::{Linear, Path};
-use engine_core::{AttentionBackend, KvqError, ModelSpec};
+use engine_core::ops::linear::Linear;
+use engine_core::{KvqError, ModelSpec};
 
 use crate::blas::{Blas, GpuMatrix};
 use crate::cache::GpuCache;
-use crate::decode::{decode_attention, DecodeBatch, DecodeWorkspace};
+use crate::decode::DecodeWorkspace;
 use crate::device::GpuContext;
 use crate::spec::{check_decode_layout, KernelKind, Specialization};
-use crate::window::{RecentPart, WindowRings, WindowStep};
+use crate::tp::{shard_layer, HostMatrix, LayerSplit, Shard, TpGroup};
+use crate::window::{WindowRings, WindowStep};
 use crate::KernelError;
 
 /// Threads per CTA of the row kernels (`NORM_THREADS` in model.cu).
@@ -152,7 +162,10 @@ impl ProjDims {
 pub struct GpuLlama {
     gpu: Arc<GpuContext>,
     blas: Blas,
+    /// This rank's shape (all of the model's on one GPU): its query and KV heads, its MLP slice.
     spec: ModelSpec,
+    /// Rank 0 (or the only GPU): holds the output head and computes the logits.
+    computes_logits: bool,
     embed: GpuMatrix,
     lm_head: Option<GpuMatrix>,
     layers: Vec<GpuLayer>,
@@ -189,28 +202,27 @@ fn upload<T: DeviceRepr + ValidAsZeroBits>(
 fn upload_stacked(
     gpu: &GpuContext,
     in_dim: usize,
-    parts: &[(&str, &Linear, usize)],
+    parts: &[(&str, &HostMatrix, usize)],
 ) -> Result<GpuMatrix, KernelError> {
-    for &(name, l, rows) in parts {
-        if (l.out_dim, l.in_dim) != (rows, in_dim) {
+    for &(name, m, rows) in parts {
+        if (m.rows, m.cols) != (rows, in_dim) {
             return Err(KernelError::InvalidArgument(format!(
                 "{name} is {}×{}, the model's shape needs {rows}×{in_dim}",
-                l.out_dim, l.in_dim
+                m.rows, m.cols
             )));
         }
     }
     let out_dim = parts.iter().map(|p| p.2).sum();
-    let w = match parts {
-        [(_, l, _)] => l.to_f32(),
+    match parts {
+        [(_, m, _)] => GpuMatrix::upload(gpu, &m.data, out_dim, in_dim),
         _ => {
-            let mut w = Vec::with_capacity(out_dim * in_dim);
-            for (_, l, _) in parts {
-                w.extend_from_slice(&l.to_f32());
-            }
-            w
+            let w: Vec<f32> = parts
+                .iter()
+                .flat_map(|p| p.1.data.iter().copied())
+                .collect();
+            GpuMatrix::upload(gpu, &w, out_dim, in_dim)
         }
-    };
-    GpuMatrix::upload(gpu, &w, out_dim, in_dim)
+    }
 }
 
 fn zeros<T: DeviceRepr + ValidAsZeroBits>(
@@ -245,45 +257,68 @@ impl GpuLlama {
     /// tables, and compiles the model kernels. The cache comes later ([`GpuLlama::set_cache`]),
     /// sized from the memory left.
     pub fn upload(gpu: &Arc<GpuContext>, model: &LlamaModel) -> Result<Self, KernelError> {
-        let s = &model.spec;
-        if s.head_dim_k % 2 != 0 {
+        Self::upload_shard(gpu, model, Shard::new(0, 1)?)
+    }
+
+    /// [`GpuLlama::upload`] of tensor-parallel rank `shard`: its query and KV heads and its
+    /// slice of the MLP (`crate::tp::shard`); the embeddings on every rank (a lookup needs no
+    /// communication), the output head on rank 0 only, which computes the logits.
+    pub fn upload_shard(
+        gpu: &Arc<GpuContext>,
+        model: &LlamaModel,
+        shard: Shard,
+    ) -> Result<Self, KernelError> {
+        let full = &model.spec;
+        if full.head_dim_k % 2 != 0 {
             // `kvq_rope` pairs each head's halves and finds v after 2·half-wide q and k heads.
             return Err(KernelError::Unsupported(format!(
                 "odd key head dimension {} (rotary embedding needs an even one)",
-                s.head_dim_k
+                full.head_dim_k
             )));
         }
+        let split = LayerSplit::new(full, shard)?;
+        // This rank's model: its heads and MLP slice; hidden size and vocabulary stay whole.
+        let s = ModelSpec {
+            num_heads: split.heads.len(),
+            num_kv_heads: split.kv_heads.len(),
+            intermediate_size: split.ff.len(),
+            ..full.clone()
+        };
         let (hd, ff) = (s.hidden_size, s.intermediate_size);
-        let d = ProjDims::of(s);
-        let m = |in_dim, parts: &[(&str, &Linear, usize)]| upload_stacked(gpu, in_dim, parts);
+        let d = ProjDims::of(&s);
+        let m = |in_dim, parts: &[(&str, &HostMatrix, usize)]| upload_stacked(gpu, in_dim, parts);
         let layers = model
             .layers()
             .iter()
             .map(|l| {
+                let w = shard_layer(l, full, shard)?;
                 Ok(GpuLayer {
                     attn_norm: upload(gpu, &l.attn_norm, "attention norm")?,
                     wqkv: m(
                         hd,
-                        &[("wq", &l.wq, d.q), ("wk", &l.wk, d.k), ("wv", &l.wv, d.v)],
+                        &[("wq", &w.wq, d.q), ("wk", &w.wk, d.k), ("wv", &w.wv, d.v)],
                     )?,
-                    wo: m(d.attn, &[("wo", &l.wo, hd)])?,
+                    wo: m(d.attn, &[("wo", &w.wo, hd)])?,
                     ffn_norm: upload(gpu, &l.ffn_norm, "FFN norm")?,
-                    w_gate_up: m(hd, &[("w_gate", &l.w_gate, ff), ("w_up", &l.w_up, ff)])?,
-                    w_down: m(ff, &[("w_down", &l.w_down, hd)])?,
+                    w_gate_up: m(hd, &[("w_gate", &w.w_gate, ff), ("w_up", &w.w_up, ff)])?,
+                    w_down: m(ff, &[("w_down", &w.w_down, hd)])?,
                 })
             })
             .collect::<Result<Vec<_>, KernelError>>()?;
         let vocab = s.vocab_size;
-        let embed = m(hd, &[("embeddings", model.embeddings(), vocab)])?;
-        let lm_head = if std::ptr::eq(model.lm_head(), model.embeddings()) {
+        let whole = |l: &Linear| HostMatrix::from_linear(l);
+        let embed = m(hd, &[("embeddings", &whole(model.embeddings()), vocab)])?;
+        let tied = std::ptr::eq(model.lm_head(), model.embeddings());
+        let lm_head = if shard.rank() != 0 || tied {
             None
         } else {
-            Some(m(hd, &[("lm_head", model.lm_head(), vocab)])?)
+            Some(m(hd, &[("lm_head", &whole(model.lm_head()), vocab)])?)
         };
         let (cos, sin) = model.rope().tables();
         Ok(Self {
             blas: Blas::new(gpu)?,
-            spec: s.clone(),
+            spec: s,
+            computes_logits: shard.rank() == 0,
             embed,
             lm_head,
             layers,
@@ -472,185 +507,6 @@ impl GpuLlama {
         Ok(())
     }
 
-    /// The forward pass; logits rows stay on the device in `self.logits`.
-    fn run(&mut self, inp: &StepInputs) -> Result<(), KernelError> {
-        let s = self.spec.clone();
-        let rows = inp.rows;
-        self.ensure_acts(rows)?;
-        let vocab = s.vocab_size;
-        if self
-            .logits
-            .as_ref()
-            .is_none_or(|l| l.len() < inp.out_rows * vocab)
-        {
-            self.logits = Some(zeros(
-                &self.gpu,
-                inp.out_rows.next_power_of_two() * vocab,
-                "logits",
-            )?);
-        }
-        let (hd, ff) = (s.hidden_size, s.intermediate_size);
-        let (heads, kvh, dk) = (s.num_heads, s.num_kv_heads, s.head_dim_k);
-        let d = ProjDims::of(&s);
-        let eps = s.rms_norm_eps;
-        let stream = self.gpu.stream().clone();
-        let fns = &self.fns;
-        let a = self.acts.bufs.as_mut().expect("allocated");
-        let cache = self.cache.as_mut().ok_or_else(|| {
-            KernelError::InvalidArgument("the GPU model has no cache attached".into())
-        })?;
-        let (hd_i, eps_f) = (hd as i32, eps);
-        let (tokens, positions, logit_rows) = (inp.tokens(), inp.positions(), inp.logit_rows());
-        {
-            let mut b = stream.launch_builder(&fns.embed);
-            b.arg(&self.embed.data)
-                .arg(&tokens)
-                .arg(&mut a.x)
-                .arg(&hd_i);
-            // SAFETY: matches kvq_embed; `tokens` were checked against the vocabulary.
-            launched(
-                unsafe { b.launch(cfg(rows as u32, ROW_THREADS)) }.map(|_| ()),
-                "kvq_embed",
-            )?;
-        }
-        let null: u64 = 0;
-        let norm = |x: &mut CudaSlice<f32>,
-                    o: &CudaSlice<f32>,
-                    add: i32,
-                    w: &CudaSlice<f32>,
-                    out: &mut CudaSlice<u16>|
-         -> Result<(), KernelError> {
-            let mut b = stream.launch_builder(&fns.add_rmsnorm);
-            b.arg(x)
-                .arg(o)
-                .arg(&add)
-                .arg(&null)
-                .arg(w)
-                .arg(out)
-                .arg(&hd_i)
-                .arg(&eps_f);
-            // SAFETY: matches kvq_add_rmsnorm; every buffer holds ≥ rows × hidden values.
-            launched(
-                unsafe { b.launch(cfg(rows as u32, ROW_THREADS)) }.map(|_| ()),
-                "kvq_add_rmsnorm",
-            )
-        };
-        let n_elems = |n: usize| n as i64;
-        let scale = 1.0 / (dk as f32).sqrt();
-        for (l, layer) in self.layers.iter().enumerate() {
-            if l == 0 {
-                norm(&mut a.x, &a.o, 0, &layer.attn_norm, &mut a.h16)?;
-            } else {
-                norm(&mut a.x, &a.o, 1, &layer.attn_norm, &mut a.h16)?;
-            }
-            self.blas.linear(&a.h16, &layer.wqkv, &mut a.qkv, rows)?;
-            {
-                let (h_i, kv_i, half_i) = (heads as i32, kvh as i32, (dk / 2) as i32);
-                let vd_i = d.v as i32;
-                let mut b = stream.launch_builder(&fns.rope);
-                b.arg(&a.qkv)
-                    .arg(&mut a.q)
-                    .arg(&mut a.k)
-                    .arg(&mut a.v)
-                    .arg(&positions)
-                    .arg(&self.rope_cos)
-                    .arg(&self.rope_sin)
-                    .arg(&h_i)
-                    .arg(&kv_i)
-                    .arg(&half_i)
-                    .arg(&vd_i);
-                // SAFETY: matches kvq_rope; qkv holds ≥ rows × (q + k + v dims) values (the
-                // GEMM's checked output) and q, k, v ≥ rows × their dims (`ensure_acts`);
-                // positions were checked against the tables.
-                launched(
-                    unsafe { b.launch(cfg(rows as u32, ROW_THREADS)) }.map(|_| ()),
-                    "kvq_rope",
-                )?;
-            }
-            cache.store(l, &a.k, &a.v, &inp.slots, rows)?;
-            let window = inp.window_rows().zip(self.windows.as_mut());
-            {
-                let batch = DecodeBatch {
-                    q: &a.q,
-                    block_tables: &inp.block_tables,
-                    max_blocks: inp.max_blocks,
-                    context_lens: &inp.context_lens,
-                    batch: rows,
-                    max_context: inp.max_context,
-                    num_heads: heads,
-                    scale,
-                    recent: window.as_ref().map(|((attend, _), rings)| RecentPart {
-                        rings,
-                        k_new: &a.k,
-                        v_new: &a.v,
-                        rows: attend,
-                    }),
-                };
-                decode_attention(cache, l, &batch, &mut a.attn, &mut self.decode_ws)?;
-            }
-            if let Some(((_, keep), rings)) = window {
-                rings.keep(cache, l, (&a.k, &a.v), &keep, rows)?;
-            }
-            {
-                let n = n_elems(rows * d.attn);
-                let mut b = stream.launch_builder(&fns.to_f16);
-                b.arg(&a.attn).arg(&mut a.h16).arg(&n);
-                // SAFETY: matches kvq_to_f16; both buffers hold ≥ n values.
-                launched(
-                    unsafe { b.launch(cfg(grid_for(n as usize), 256)) }.map(|_| ()),
-                    "kvq_to_f16",
-                )?;
-            }
-            self.blas.linear(&a.h16, &layer.wo, &mut a.o, rows)?;
-            norm(&mut a.x, &a.o, 1, &layer.ffn_norm, &mut a.h16)?;
-            self.blas
-                .linear(&a.h16, &layer.w_gate_up, &mut a.gate_up, rows)?;
-            {
-                let n = n_elems(rows * ff);
-                let ff_i = ff as i32;
-                let mut b = stream.launch_builder(&fns.silu_mul);
-                b.arg(&a.gate_up).arg(&mut a.ff16).arg(&ff_i).arg(&n);
-                // SAFETY: matches kvq_silu_mul; gate_up holds ≥ 2n values, ff16 ≥ n.
-                launched(
-                    unsafe { b.launch(cfg(grid_for(n as usize), 256)) }.map(|_| ()),
-                    "kvq_silu_mul",
-                )?;
-            }
-            self.blas.linear(&a.ff16, &layer.w_down, &mut a.o, rows)?;
-        }
-        {
-            let n = n_elems(rows * hd);
-            let mut b = stream.launch_builder(&fns.add);
-            b.arg(&mut a.x).arg(&a.o).arg(&n);
-            // SAFETY: matches kvq_add; both buffers hold ≥ n values.
-            launched(
-                unsafe { b.launch(cfg(grid_for(n as usize), 256)) }.map(|_| ()),
-                "kvq_add",
-            )?;
-        }
-        {
-            let zero = 0i32;
-            let mut b = stream.launch_builder(&fns.add_rmsnorm);
-            b.arg(&mut a.x)
-                .arg(&a.o)
-                .arg(&zero)
-                .arg(&logit_rows)
-                .arg(&self.final_norm)
-                .arg(&mut a.h16)
-                .arg(&hd_i)
-                .arg(&eps_f);
-            // SAFETY: matches kvq_add_rmsnorm; logit_rows index rows < rows.
-            launched(
-                unsafe { b.launch(cfg(inp.out_rows as u32, ROW_THREADS)) }.map(|_| ()),
-                "kvq_add_rmsnorm",
-            )?;
-        }
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = self.logits.as_mut().expect("allocated");
-        self.blas.linear(&a.h16, head, logits, inp.out_rows)?;
-        Ok(())
-    }
-
     /// Logits rows (`[rows, vocab]`, rows as `which` says) of `seqs`, storing their K/V.
     pub fn forward(
         &mut self,
@@ -667,29 +523,8 @@ impl GpuLlama {
         seqs: &[SeqInput<'_>],
         logit_rows: &[usize],
     ) -> Result<usize, KvqError> {
-        let g = self.gpu.clone();
-        g.context()
-            .bind_to_thread()
-            .map_err(|e| device_error(&g, KernelError::driver("binding the context", e)))?;
-        let cache = self
-            .cache
-            .as_ref()
-            .ok_or_else(|| KvqError::InvalidArgument("the GPU model has no cache".into()))?;
-        let mut windows = lock_windows(seqs)?;
-        let inp = self.inputs(seqs, &windows, logit_rows, cache)?;
-        if inp.rows == 0 {
-            return Ok(0);
-        }
-        self.run(&inp).map_err(|e| device_error(&g, e))?;
-        // The rings hold this pass's positions now (the host windows only track the end).
-        for (w, seq) in windows.iter_mut().zip(seqs) {
-            if let Some(w) = w {
-                w.advance(seq.tokens.len());
-            }
-        }
-        Ok(inp.out_rows)
+        forward_ranks(&mut [self], None, seqs, logit_rows)
     }
-
     /// Greedy tokens of the last `logit_rows[i]` tokens of each sequence `i`, picked on the
     /// device (one id per row comes back instead of a vocabulary of logits), storing their K/V.
     pub fn forward_greedy(
@@ -709,13 +544,21 @@ impl GpuLlama {
         seqs: &[SeqInput<'_>],
         logit_rows: &[usize],
     ) -> Result<Vec<f32>, KvqError> {
-        let out_rows = self.forward_on_device(seqs, logit_rows)?;
-        if out_rows == 0 {
-            return Ok(Vec::new());
+        match self.forward_on_device(seqs, logit_rows)? {
+            0 => Ok(Vec::new()),
+            rows => self.logits_of_last(rows),
         }
+    }
+
+    /// The logits rows of the last forward pass (rank 0's, with the output head).
+    pub fn logits_of_last(&mut self, rows: usize) -> Result<Vec<f32>, KvqError> {
         let g = self.gpu.clone();
-        let n = out_rows * self.spec.vocab_size;
-        let logits = self.logits.as_ref().expect("allocated");
+        let n = rows * self.spec.vocab_size;
+        let logits = self
+            .logits
+            .as_ref()
+            .filter(|l| l.len() >= n)
+            .ok_or_else(|| KvqError::InvalidArgument(format!("no logits for {rows} rows")))?;
         let mut host = g
             .stream()
             .clone_dtoh(&logits.slice(..n))
@@ -759,19 +602,43 @@ impl GpuLlama {
     }
 }
 
-impl GpuLlama {
-    /// The host cache the engine passes only carries the block size; it must be the device
-    /// cache's, since the block tables index the device cache.
-    fn check_block_size(&self, cache: &PagedKvCache) -> Result<(), KvqError> {
-        let gpu_bs = self.cache.as_ref().map(|c| c.layout().block_size);
-        if gpu_bs != Some(cache.block_size()) {
-            return Err(KvqError::InvalidArgument(format!(
-                "host cache block size {} differs from the device cache's {gpu_bs:?}",
-                cache.block_size()
-            )));
-        }
-        Ok(())
+/// One forward pass of `seqs` over tensor-parallel `ranks` (one GPU: a single rank, no group):
+/// checks and uploads the inputs to every rank, runs the pass (`pass::run_pass`) and moves
+/// the recent windows on. Returns how many logit rows rank 0 holds.
+pub(crate) fn forward_ranks(
+    ranks: &mut [&mut GpuLlama],
+    group: Option<&TpGroup>,
+    seqs: &[SeqInput<'_>],
+    logit_rows: &[usize],
+) -> Result<usize, KvqError> {
+    let mut windows = lock_windows(seqs)?;
+    let mut inps = Vec::with_capacity(ranks.len());
+    for r in ranks.iter() {
+        let g = &r.gpu;
+        g.context()
+            .bind_to_thread()
+            .map_err(|e| device_error(g, KernelError::driver("binding the context", e)))?;
+        let cache = r
+            .cache
+            .as_ref()
+            .ok_or_else(|| KvqError::InvalidArgument("the GPU model has no cache".into()))?;
+        inps.push(r.inputs(seqs, &windows, logit_rows, cache)?);
     }
+    let Some(first) = inps.first() else {
+        return Err(KvqError::InvalidArgument("no GPU ranks".into()));
+    };
+    let out_rows = first.out_rows;
+    if first.rows == 0 {
+        return Ok(0);
+    }
+    pass::run_pass(ranks, &inps, group).map_err(|e| device_error(&ranks[0].gpu, e))?;
+    // The rings hold this pass's positions now (the host windows only track the end).
+    for (w, seq) in windows.iter_mut().zip(seqs) {
+        if let Some(w) = w {
+            w.advance(seq.tokens.len());
+        }
+    }
+    Ok(out_rows)
 }
 
 fn device_error(gpu: &GpuContext, e: KernelError) -> KvqError {
@@ -781,78 +648,39 @@ fn device_error(gpu: &GpuContext, e: KernelError) -> KvqError {
     }
 }
 
-impl ForwardPass for GpuLlama {
-    fn spec(&self) -> &ModelSpec {
-        &self.spec
-    }
-
-    fn forward_rows(
-        &mut self,
-        _backend: &dyn AttentionBackend,
-        cache: &mut PagedKvCache,
-        seqs: &[SeqInput<'_>],
-        logit_rows: &[usize],
-        _layers: Path,
-        _head: Path,
-    ) -> Result<Vec<f32>, KvqError> {
-        self.check_block_size(cache)?;
-        self.forward_last_rows(seqs, logit_rows)
-    }
-
-    fn forward_rows_greedy(
-        &mut self,
-        _backend: &dyn AttentionBackend,
-        cache: &mut PagedKvCache,
-        seqs: &[SeqInput<'_>],
-        logit_rows: &[usize],
-    ) -> Option<Result<Vec<u32>, KvqError>> {
-        Some(
-            self.check_block_size(cache)
-                .and_then(|()| self.forward_greedy(seqs, logit_rows)),
-        )
-    }
-
-    /// One GEMM path: results do not depend on how rows are grouped into calls.
-    fn path_dependent(&self) -> bool {
-        false
-    }
-}
-
-/// Builds the CUDA runner for the engine: uploads the weights, plans the cache from the device
-/// memory then free, allocates it.
+/// Builds the CUDA runner for the engine: uploads the weights to the `tp` GPUs from
+/// `req.ordinal` on, plans the cache from the least device memory then free over them,
+/// allocates every rank's share.
 pub fn build_cuda_runner(req: DeviceRunnerRequest<'_>) -> Result<DeviceRunner, KvqError> {
-    let name = format!("cuda:{}", req.ordinal);
+    let tp = req.config.engine.tp.max(1);
+    let ordinals: Vec<usize> = (req.ordinal..req.ordinal + tp).collect();
+    let name = match tp {
+        1 => format!("cuda:{}", req.ordinal),
+        _ => format!("cuda:{}..={}, tp = {tp}", req.ordinal, req.ordinal + tp - 1),
+    };
     let dev = |e: KernelError| KvqError::Device {
         device: name.clone(),
         reason: e.to_string(),
     };
-    let gpu = GpuContext::new(req.ordinal).map_err(dev)?;
-    let mut model = GpuLlama::upload(&gpu, req.model).map_err(dev)?;
-    gpu.synchronize().map_err(dev)?;
-    let (free, _total) = gpu
-        .context()
-        .mem_get_info()
-        .map_err(|e| dev(KernelError::driver("querying free memory", e)))?;
-    let plan = (req.plan)(free as u64)?;
+    let mut model = TpLlama::upload(&ordinals, req.model).map_err(dev)?;
+    let plan = (req.plan)(model.min_free_memory().map_err(dev)?)?;
     let dtype = req.config.engine.dtype.resolve(req.model.spec.dtype);
-    let cache = GpuCache::new(
-        &gpu,
-        req.resolved.layout.clone(),
-        req.resolved.codec.as_ref(),
-        dtype,
-        plan.num_blocks,
-    )
-    .map_err(dev)?;
-    model.set_cache(cache).map_err(dev)?;
-    if req.resolved.recent_window > 0 {
-        model
-            .set_recent_window(req.resolved.recent_window, req.config.engine.max_batch_size)
-            .map_err(dev)?;
-    }
+    let window = (req.resolved.recent_window > 0)
+        .then_some((req.resolved.recent_window, req.config.engine.max_batch_size));
+    model
+        .set_caches(
+            &req.resolved.layout,
+            req.resolved.codec.as_ref(),
+            dtype,
+            plan.num_blocks,
+            window,
+        )
+        .map_err(dev)?;
+    let device_name = format!("{} ({name})", model.device_names());
     Ok(DeviceRunner {
         runner: Box::new(model),
         plan,
-        device_name: format!("{} ({name})", gpu.name()),
+        device_name,
     })
 }
 
