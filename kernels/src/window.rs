@@ -81,6 +81,9 @@ impl WindowRings {
         keep: &CudaView<'_, i32>,
         rows: usize,
     ) -> Result<(), KernelError> {
+        if rows == 0 {
+            return Ok(());
+        }
         let gpu: &Arc<GpuContext> = cache.gpu();
         let spec = Specialization {
             group: 1,

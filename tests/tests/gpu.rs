@@ -739,3 +739,7 @@ fn decode_long_context_uses_many_splits() {
 /// The CUDA model runner against the CPU model.
 #[path = "gpu/model.rs"]
 mod model;
+
+/// The recent window's kernels against the f16 cache.
+#[path = "gpu/window.rs"]
+mod window;

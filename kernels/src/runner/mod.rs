@@ -513,38 +513,7 @@ impl GpuLlama {
         seqs: &[SeqInput<'_>],
         which: LogitsFor,
     ) -> Result<Vec<f32>, KvqError> {
-        self.forward_last_rows(seqs, &which.rows(seqs))
-    }
-
-    /// Runs the forward pass of `seqs`, storing their K/V and leaving the logits of the last
-    /// `logit_rows[i]` tokens of each sequence `i` on the device; returns how many rows.
-    fn forward_on_device(
-        &mut self,
-        seqs: &[SeqInput<'_>],
-        logit_rows: &[usize],
-    ) -> Result<usize, KvqError> {
-        forward_ranks(&mut [self], None, seqs, logit_rows)
-    }
-    /// Greedy tokens of the last `logit_rows[i]` tokens of each sequence `i`, picked on the
-    /// device (one id per row comes back instead of a vocabulary of logits), storing their K/V.
-    pub fn forward_greedy(
-        &mut self,
-        seqs: &[SeqInput<'_>],
-        logit_rows: &[usize],
-    ) -> Result<Vec<u32>, KvqError> {
-        match self.forward_on_device(seqs, logit_rows)? {
-            0 => Ok(Vec::new()),
-            rows => self.argmax_last(rows),
-        }
-    }
-
-    /// Logits of the last `logit_rows[i]` tokens of each sequence `i`, storing their K/V.
-    pub fn forward_last_rows(
-        &mut self,
-        seqs: &[SeqInput<'_>],
-        logit_rows: &[usize],
-    ) -> Result<Vec<f32>, KvqError> {
-        match self.forward_on_device(seqs, logit_rows)? {
+        match forward_ranks(&mut [self], None, seqs, &which.rows(seqs))? {
             0 => Ok(Vec::new()),
             rows => self.logits_of_last(rows),
         }

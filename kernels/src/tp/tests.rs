@@ -157,8 +157,8 @@ fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-/// The layer's matrices unsplit, in `LayerShard` field order.
-fn full(layer: &LlamaLayer) -> [HostMatrix; 7] {
+/// The layer's matrices, in `LayerShard` field order.
+fn linears(layer: &LlamaLayer) -> [&Linear; 7] {
     [
         &layer.wq,
         &layer.wk,
@@ -168,7 +168,11 @@ fn full(layer: &LlamaLayer) -> [HostMatrix; 7] {
         &layer.w_up,
         &layer.w_down,
     ]
-    .map(HostMatrix::from_linear)
+}
+
+/// The layer's matrices unsplit, in `LayerShard` field order.
+fn full(layer: &LlamaLayer) -> [HostMatrix; 7] {
+    linears(layer).map(HostMatrix::from_linear)
 }
 
 fn parts(s: &LayerShard) -> [&HostMatrix; 7] {
@@ -180,16 +184,7 @@ fn one_rank_keeps_every_matrix_whole() {
     let spec = spec();
     let layer = random_layer(&spec, fresh_seed("tp one rank"));
     let s = shard_layer(&layer, &spec, Shard::new(0, 1).unwrap()).unwrap();
-    let whole = [
-        &layer.wq,
-        &layer.wk,
-        &layer.wv,
-        &layer.wo,
-        &layer.w_gate,
-        &layer.w_up,
-        &layer.w_down,
-    ];
-    for (part, w) in parts(&s).into_iter().zip(whole) {
+    for (part, w) in parts(&s).into_iter().zip(linears(&layer)) {
         assert_eq!((part.rows, part.cols), (w.out_dim, w.in_dim));
         assert_eq!(part.data, w.to_f32());
     }

@@ -8,7 +8,6 @@ use engine_core::cache::{BlockPool, BlockTable, PagedKvCache, RecentWindow};
 use engine_core::config::QuantPolicy;
 use engine_core::engine::Engine;
 use engine_core::eval::agreement::{agreement, Agreement};
-use engine_core::model::DeviceRunner;
 use engine_core::model::{DeviceRunnerRequest, LlamaModel, LogitsFor, SeqInput};
 use engine_core::ops::linear::Path;
 use engine_core::plan::ResolvedConfig;
@@ -169,30 +168,29 @@ fn teacher_forced(
     rows.into_iter().flat_map(|(_, row)| row).collect()
 }
 
-/// The GPU runner the engine builds for `cfg` (`tp` GPUs from 0), with a cache of exactly the
-/// blocks [`teacher_forced`] uses.
-fn gpu_runner(model: &LlamaModel, cfg: &EngineConfig, seqs: &[Vec<u32>]) -> DeviceRunner {
-    let r = ResolvedConfig::new(&model.spec, cfg).unwrap_or_else(|e| panic!("{e}"));
-    let bytes = (blocks_for(seqs, cfg.engine.block_size) * r.layout.block_bytes()) as u64;
-    build_cuda_runner(DeviceRunnerRequest {
-        model,
-        resolved: &r,
-        config: cfg,
-        ordinal: 0,
-        plan: &|_| Ok(r.plan_exact(bytes)),
-    })
-    .unwrap_or_else(|e| panic!("{e}"))
+/// The configuration resolved against `model`.
+fn resolved(model: &LlamaModel, cfg: &EngineConfig) -> ResolvedConfig {
+    ResolvedConfig::new(&model.spec, cfg).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// [`teacher_forced`] through a GPU runner.
+/// [`teacher_forced`] through the GPU runner the engine builds for `cfg` (`tp` GPUs from 0),
+/// with a cache of exactly the blocks it uses.
 fn run_gpu(
     model: &LlamaModel,
     cfg: &EngineConfig,
     seqs: &[Vec<u32>],
     prompt: &[usize],
 ) -> Vec<f32> {
-    let r = ResolvedConfig::new(&model.spec, cfg).unwrap_or_else(|e| panic!("{e}"));
-    let mut dev = gpu_runner(model, cfg, seqs);
+    let r = resolved(model, cfg);
+    let bytes = (blocks_for(seqs, cfg.engine.block_size) * r.layout.block_bytes()) as u64;
+    let mut dev = build_cuda_runner(DeviceRunnerRequest {
+        model,
+        resolved: &r,
+        config: cfg,
+        ordinal: 0,
+        plan: &|_| Ok(r.plan_exact(bytes)),
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
     let mut host_stub = PagedKvCache::new(r.layout.clone(), r.codec.clone(), 0);
     teacher_forced(&r, cfg, seqs, prompt, &mut |inputs, which| {
         dev.runner
@@ -215,7 +213,7 @@ fn run_case(
     seqs: &[Vec<u32>],
     prompt: &[usize],
 ) -> (Vec<f32>, Vec<f32>) {
-    let r = ResolvedConfig::new(&model.spec, cfg).unwrap_or_else(|e| panic!("{e}"));
+    let r = resolved(model, cfg);
     let blocks = blocks_for(seqs, cfg.engine.block_size);
     let mut cpu_cache = PagedKvCache::new(r.layout.clone(), r.codec.clone(), blocks);
     let cpu = teacher_forced(&r, cfg, seqs, prompt, &mut |inputs, which| {
