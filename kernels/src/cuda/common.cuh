@@ -115,6 +115,23 @@ __device__ __forceinline__ float sanitize(float x) {
 }
 __device__ __forceinline__ float t_round_sat(float x) { return t_round(fminf(fmaxf(x, -T_MAX), T_MAX)); }
 
+// ---- the Walsh-Hadamard transform of `rows` vectors of D floats in shared memory ----
+// Unnormalized (callers scale by 1/sqrt(D)), by the whole block; the vectors must be written
+// and synchronized before, and the block is synchronized after.
+template <int D>
+__device__ __forceinline__ void block_wht(float* x, int rows) {
+    for (int h = 1; h < D; h <<= 1) {
+        for (int i = threadIdx.x; i < rows * D / 2; i += blockDim.x) {
+            float* v = x + (i / (D / 2)) * D;
+            const int k = i % (D / 2), j = (k / h) * 2 * h + (k % h);
+            const float x0 = v[j], x1 = v[j + h];
+            v[j] = x0 + x1;
+            v[j + h] = x0 - x1;
+        }
+        __syncthreads();
+    }
+}
+
 // ---- warp reductions ----
 __device__ __forceinline__ float warp_min(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));

@@ -506,16 +506,7 @@ kvq_decode_split(const float* __restrict__ q, const u8* __restrict__ cache, Cach
     if (t0 < t_end) load_iter(ta, t0);
 
 #if KVQ_KROT
-    for (int h = 1; h < KVQ_DK; h <<= 1) {
-        for (int i = threadIdx.x; i < KVQ_G * KVQ_DK / 2; i += blockDim.x) {
-            const int head = i / (KVQ_DK / 2), qq = i % (KVQ_DK / 2);
-            const int j = (qq / h) * 2 * h + (qq % h);
-            const float x0 = s_q[head][j], x1 = s_q[head][j + h];
-            s_q[head][j] = x0 + x1;
-            s_q[head][j + h] = x0 - x1;
-        }
-        __syncthreads();
-    }
+    block_wht<KVQ_DK>(&s_q[0][0], KVQ_G);
     const float rot = 1.0f / sqrtf((float)KVQ_DK);
 #else
     const float rot = 1.0f;

@@ -82,17 +82,8 @@ kvq_decode_recent(const float* __restrict__ q, const float* __restrict__ k_new, 
 #if KVQ_VROT
     // The reduce rotates the merged V back from the Hadamard domain; the window's values are in
     // the model domain, so rotate them in (the normalized transform is its own inverse).
-    for (int hs = 1; hs < KVQ_DV; hs <<= 1) {
-        __syncthreads();
-        for (int i = threadIdx.x; i < KVQ_G * KVQ_DV / 2; i += blockDim.x) {
-            const int h = i / (KVQ_DV / 2), d = i % (KVQ_DV / 2);
-            const int j = (d / hs) * 2 * hs + (d % hs);
-            const float x0 = s_o[h][j], x1 = s_o[h][j + hs];
-            s_o[h][j] = x0 + x1;
-            s_o[h][j + hs] = x0 - x1;
-        }
-    }
     __syncthreads();
+    block_wht<KVQ_DV>(&s_o[0][0], KVQ_G);
     for (int i = threadIdx.x; i < KVQ_G * KVQ_DV; i += blockDim.x)
         s_o[i / KVQ_DV][i % KVQ_DV] = __fmul_rn(s_o[i / KVQ_DV][i % KVQ_DV], 1.0f / sqrtf((float)KVQ_DV));
 #endif
