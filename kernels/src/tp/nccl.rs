@@ -37,8 +37,10 @@ pub fn nccl_available() -> bool {
 #[derive(Debug)]
 pub struct TpGroup {
     streams: Vec<Arc<CudaStream>>,
-    /// One per rank, in rank order; empty for a group of one.
+    /// One per rank, in rank order; empty for a group of one or one sharing a device.
     comms: Vec<Comm>,
+    /// Every rank on the same GPU (see [`TpGroup::new`]).
+    shared_device: bool,
 }
 
 // SAFETY: NCCL communicators may be used from any thread as long as no two threads use one at
@@ -46,9 +48,14 @@ pub struct TpGroup {
 unsafe impl Send for TpGroup {}
 
 impl TpGroup {
-    /// A group whose rank `r` runs on `streams[r]`; each stream must be on a different device.
-    /// With two or more ranks this forces [`NVLS_ENV`] to 0 and makes the communicators
+    /// A group whose rank `r` runs on `streams[r]`, each on a device of its own. With two or
+    /// more ranks this forces [`NVLS_ENV`] to 0 and makes the communicators
     /// (`ncclCommInitAll`); with one it touches neither.
+    ///
+    /// Ranks that all share one GPU make a group without NCCL whose all-reduce sums through
+    /// the host: slow, but it runs the split model's every other piece on a one-GPU machine,
+    /// which is how the split is tested there. Some but not all ranks sharing a device is an
+    /// error.
     pub fn new(streams: Vec<Arc<CudaStream>>) -> Result<Self, KernelError> {
         if streams.is_empty() {
             return Err(KernelError::InvalidArgument(
@@ -56,6 +63,13 @@ impl TpGroup {
             ));
         }
         let ordinals: Vec<usize> = streams.iter().map(|s| s.context().ordinal()).collect();
+        if streams.len() > 1 && ordinals.iter().all(|&o| o == ordinals[0]) {
+            return Ok(Self {
+                streams,
+                comms: Vec::new(),
+                shared_device: true,
+            });
+        }
         for (r, d) in ordinals.iter().enumerate() {
             if let Some(first) = ordinals[..r].iter().position(|e| e == d) {
                 return Err(KernelError::InvalidArgument(format!(
@@ -68,6 +82,7 @@ impl TpGroup {
             return Ok(Self {
                 streams,
                 comms: Vec::new(),
+                shared_device: false,
             });
         }
         std::env::set_var(NVLS_ENV, "0");
@@ -78,7 +93,11 @@ impl TpGroup {
         }
         let comms = Comm::from_devices(streams.clone())
             .map_err(|e| nccl_error("making the communicators (ncclCommInitAll)", None, e))?;
-        Ok(Self { streams, comms })
+        Ok(Self {
+            streams,
+            comms,
+            shared_device: false,
+        })
     }
 
     /// Number of ranks.
@@ -101,6 +120,9 @@ impl TpGroup {
     ) -> Result<(), KernelError> {
         const OP: &str = "all-reduce";
         self.check(OP, "buffer", bufs.iter().map(|b| &**b), len)?;
+        if self.shared_device && len > 0 {
+            return self.sum_through_host(bufs, len);
+        }
         if self.comms.is_empty() || len == 0 {
             return Ok(());
         }
@@ -110,6 +132,28 @@ impl TpGroup {
                 .map(drop)
         })?;
         self.mark_written(bufs);
+        Ok(())
+    }
+
+    /// The all-reduce of ranks sharing one GPU: every buffer to the host, summed in rank order,
+    /// and back.
+    fn sum_through_host(
+        &self,
+        bufs: &mut [&mut CudaSlice<f32>],
+        len: usize,
+    ) -> Result<(), KernelError> {
+        let stream = &self.streams[0];
+        let copy = |e| KernelError::driver("all-reduce through the host (ranks sharing a GPU)", e);
+        let mut sum = vec![0f32; len];
+        for b in bufs.iter() {
+            let part = stream.clone_dtoh(&b.slice(..len)).map_err(copy)?;
+            sum.iter_mut().zip(part).for_each(|(s, x)| *s += x);
+        }
+        for b in bufs.iter_mut() {
+            stream
+                .memcpy_htod(&sum, &mut b.slice_mut(..len))
+                .map_err(copy)?;
+        }
         Ok(())
     }
 

@@ -8,12 +8,12 @@ use engine_core::cache::{BlockPool, BlockTable, PagedKvCache, RecentWindow};
 use engine_core::config::QuantPolicy;
 use engine_core::engine::Engine;
 use engine_core::eval::agreement::{agreement, Agreement};
-use engine_core::model::{DeviceRunnerRequest, LlamaModel, LogitsFor, SeqInput};
+use engine_core::model::{DeviceRunnerRequest, ForwardPass, LlamaModel, LogitsFor, SeqInput};
 use engine_core::ops::linear::Path;
 use engine_core::plan::ResolvedConfig;
 use engine_core::testing::fresh_seed;
 use engine_core::{EngineConfig, KvDtype};
-use kernels::runner::{build_cuda_runner, GpuLlama};
+use kernels::runner::{build_cuda_runner, GpuLlama, TpLlama};
 use kvq_integration_tests::{random_model, random_prompts, smollm2_shape};
 
 fn config(backend: &str, policy: u32, device: &str) -> EngineConfig {
@@ -191,9 +191,20 @@ fn run_gpu(
         plan: &|_| Ok(r.plan_exact(bytes)),
     })
     .unwrap_or_else(|e| panic!("{e}"));
+    run_runner(&r, cfg, seqs, prompt, dev.runner.as_mut())
+}
+
+/// [`teacher_forced`] through a device runner over a cache of `r`'s layout.
+fn run_runner(
+    r: &ResolvedConfig,
+    cfg: &EngineConfig,
+    seqs: &[Vec<u32>],
+    prompt: &[usize],
+    runner: &mut dyn ForwardPass,
+) -> Vec<f32> {
     let mut host_stub = PagedKvCache::new(r.layout.clone(), r.codec.clone(), 0);
-    teacher_forced(&r, cfg, seqs, prompt, &mut |inputs, which| {
-        dev.runner
+    teacher_forced(r, cfg, seqs, prompt, &mut |inputs, which| {
+        runner
             .forward_with(
                 r.backend.as_ref(),
                 &mut host_stub,
@@ -538,11 +549,109 @@ fn tp1_runner_matches_the_single_gpu_model() {
     }
 }
 
-/// tp = 2 (and 4 where there are 4 GPUs) against tp = 1 on a random model of Llama-3-8B's
-/// layer shape (32/8 heads, D 128, hidden 4096, MLP 14336; 2 layers), every policy: the
-/// all-reduce sums the ranks' partials in another order than one GEMM, so logits agree to
-/// f16 rounding (fp16 cache: top-1 up to f16 ties ≥ 99.5%, mean KLD ≤ 1e-4), and a quantized
-/// cache, whose codes that rounding can flip, must stay as accurate against tp = 1's fp16.
+/// `cfg`'s model split over `tp` ranks that all run on GPU 0 (`TpGroup` sums their partials
+/// through the host): every piece of the split but NCCL, on a one-GPU machine.
+fn run_tp_on_one_gpu(
+    model: &LlamaModel,
+    cfg: &EngineConfig,
+    seqs: &[Vec<u32>],
+    prompt: &[usize],
+) -> Vec<f32> {
+    let r = resolved(model, cfg);
+    let mut split =
+        TpLlama::upload(&vec![0; cfg.engine.tp], model).unwrap_or_else(|e| panic!("{e}"));
+    let window = (r.recent_window > 0).then_some((r.recent_window, seqs.len()));
+    split
+        .set_caches(
+            &r.layout,
+            r.codec.as_ref(),
+            r.dtype,
+            blocks_for(seqs, cfg.engine.block_size),
+            window,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    run_runner(&r, cfg, seqs, prompt, &mut split)
+}
+
+/// Every policy, pairing and window case split over `tp` ranks (run by `split`) against one
+/// GPU: the all-reduce sums the ranks' partials in another order than one GEMM, so logits agree
+/// to f16 rounding (fp16 cache: top-1 up to f16 ties ≥ 99.5%, mean KLD ≤ 1e-4), and a
+/// quantized cache, whose codes that rounding can flip, must stay as accurate against the
+/// unsplit fp16 cache. Returns the failures.
+fn check_split(
+    label: &str,
+    model: &LlamaModel,
+    seqs: &[Vec<u32>],
+    prompt: &[usize],
+    tp: usize,
+    split: &dyn Fn(&EngineConfig) -> Vec<f32>,
+) -> Vec<String> {
+    let vocab = model.spec.vocab_size;
+    let mut failures = Vec::new();
+    for cases in cases_per_backend() {
+        let mut fp16_tp1 = None;
+        for (name, cfg) in cases {
+            let one = run_gpu(model, &cfg, seqs, prompt);
+            let mut cfg_tp = cfg.clone();
+            cfg_tp.engine.tp = tp;
+            let parts = split(&cfg_tp);
+            let reference: &Vec<f32> = fp16_tp1.get_or_insert(one.clone());
+            let direct = compare(&one, &parts, vocab);
+            let (top1, kld) = (direct.top1_f16_rate(), direct.mean_kld());
+            let (one_kld, split_kld) = (
+                compare(reference, &one, vocab).mean_kld(),
+                compare(reference, &parts, vocab).mean_kld(),
+            );
+            eprintln!(
+                "{label} tp {tp} {name}: vs tp 1 top-1 {:.2}% up to f16 ties ({:.2}% strict), \
+                 mean KLD {kld:.2e}; vs tp 1 fp16: tp 1 KLD {one_kld:.2e}, tp {tp} KLD {split_kld:.2e}",
+                100.0 * top1,
+                100.0 * direct.top1_rate()
+            );
+            let fp16 = name.ends_with(":0");
+            let close = top1 >= 0.995 && kld <= if fp16 { 1e-4 } else { 1e-3 };
+            let as_accurate = !fp16 && split_kld <= 1.25 * one_kld + 1e-3;
+            if !(close || as_accurate) || !kld.is_finite() {
+                failures.push(format!(
+                    "{label} tp {tp} {name}: top-1 {top1:.4}, mean KLD {kld:.2e}"
+                ));
+            }
+        }
+    }
+    failures
+}
+
+/// The split model on one GPU (ranks sharing it, partials summed through the host) against the
+/// unsplit one, tp = 2 and 4, on a random 2-layer model of SmolLM2's width with 8 query and
+/// 4 KV heads.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn tensor_parallel_on_one_gpu_matches_tp1() {
+    let seed = fresh_seed("gpu tensor parallel on one gpu");
+    let spec = engine_core::ModelSpec {
+        num_heads: 8,
+        num_kv_heads: 4,
+        ..smollm2_shape(2)
+    };
+    let model = random_model(&spec, seed, std::convert::identity);
+    let seqs = random_prompts(seed ^ 1, &[120, 50], spec.vocab_size);
+    let prompt = [100, 30];
+    let mut failures = Vec::new();
+    for tp in [2, 4] {
+        failures.extend(check_split("one GPU", &model, &seqs, &prompt, tp, &|cfg| {
+            run_tp_on_one_gpu(&model, cfg, &seqs, &prompt)
+        }));
+    }
+    assert!(
+        failures.is_empty(),
+        "the split model differs from the unsplit one (seed {seed}):\n{}",
+        failures.join("\n")
+    );
+}
+
+/// tp = 2 (and 4 where there are 4 GPUs) through the engine's runner, one GPU per rank and
+/// NCCL, against tp = 1 on a random model of Llama-3-8B's layer shape (32/8 heads, D 128,
+/// hidden 4096, MLP 14336; 2 layers), every policy (see [`check_split`]).
 #[test]
 #[ignore = "needs 2 or more CUDA GPUs"]
 fn tensor_parallel_matches_tp1() {
@@ -559,39 +668,11 @@ fn tensor_parallel_matches_tp1() {
     let model = random_model(&spec, seed, std::convert::identity);
     let seqs = random_prompts(seed ^ 1, &[150, 60], spec.vocab_size);
     let prompt = [120, 40];
-    let vocab = spec.vocab_size;
     let mut failures = Vec::new();
     for tp in [2, 4].into_iter().filter(|&t| t <= count) {
-        for cases in cases_per_backend() {
-            let mut fp16_tp1 = None;
-            for (name, cfg) in cases {
-                let one = run_gpu(&model, &cfg, &seqs, &prompt);
-                let mut cfg_tp = cfg.clone();
-                cfg_tp.engine.tp = tp;
-                let split = run_gpu(&model, &cfg_tp, &seqs, &prompt);
-                let reference: &Vec<f32> = fp16_tp1.get_or_insert(one.clone());
-                let direct = compare(&one, &split, vocab);
-                let (top1, kld) = (direct.top1_f16_rate(), direct.mean_kld());
-                let (one_kld, split_kld) = (
-                    compare(reference, &one, vocab).mean_kld(),
-                    compare(reference, &split, vocab).mean_kld(),
-                );
-                eprintln!(
-                    "tp {tp} {name}: vs tp 1 top-1 {:.2}% up to f16 ties ({:.2}% strict), mean KLD \
-                     {kld:.2e}; vs tp 1 fp16: tp 1 KLD {one_kld:.2e}, tp {tp} KLD {split_kld:.2e}",
-                    100.0 * top1,
-                    100.0 * direct.top1_rate()
-                );
-                let fp16 = name.ends_with(":0");
-                let close = top1 >= 0.995 && kld <= if fp16 { 1e-4 } else { 1e-3 };
-                let as_accurate = !fp16 && split_kld <= 1.25 * one_kld + 1e-3;
-                if !(close || as_accurate) || !kld.is_finite() {
-                    failures.push(format!(
-                        "tp {tp} {name}: top-1 {top1:.4}, mean KLD {kld:.2e}"
-                    ));
-                }
-            }
-        }
+        failures.extend(check_split("GPUs", &model, &seqs, &prompt, tp, &|cfg| {
+            run_gpu(&model, cfg, &seqs, &prompt)
+        }));
     }
     assert!(
         failures.is_empty(),
