@@ -651,7 +651,7 @@ fn tensor_parallel_on_one_gpu_matches_tp1() {
 
 /// tp = 2 (and 4 where there are 4 GPUs) through the engine's runner, one GPU per rank and
 /// NCCL, against tp = 1 on a random model of Llama-3-8B's layer shape (32/8 heads, D 128,
-/// hidden 4096, MLP 14336; 2 layers), every policy (see [`check_split`]).
+/// hidden 4096, MLP 14336; 2 layers, 32k vocabulary), every policy (see [`check_split`]).
 #[test]
 #[ignore = "needs 2 or more CUDA GPUs"]
 fn tensor_parallel_matches_tp1() {
@@ -661,8 +661,10 @@ fn tensor_parallel_matches_tp1() {
         return;
     }
     let seed = fresh_seed("gpu tensor parallel");
+    // Llama-3-8B's layers; a quarter of its vocabulary keeps the 26 model uploads quick.
     let spec = engine_core::ModelSpec {
         num_layers: 2,
+        vocab_size: 32_768,
         ..engine_core::model::model_shape("llama3-8b").unwrap()
     };
     let model = random_model(&spec, seed, std::convert::identity);
