@@ -633,18 +633,35 @@ fn tensor_parallel_on_one_gpu_matches_tp1() {
         num_kv_heads: 4,
         ..smollm2_shape(2)
     };
-    let model = random_model(&spec, seed, std::convert::identity);
+    assert_split_matches("one GPU", seed, &spec, [2, 4], &run_tp_on_one_gpu);
+}
+
+/// A teacher-forced run of sequences (with their prompt lengths) through some runner of a
+/// model under a configuration: [`run_gpu`] or [`run_tp_on_one_gpu`].
+type RunSeqs = dyn Fn(&LlamaModel, &EngineConfig, &[Vec<u32>], &[usize]) -> Vec<f32>;
+
+/// A random model of `spec` teacher-forced over two sequences (120 and 50 tokens, the first
+/// 100 and 30 as prompts), split by `run` over each of `tps` ranks: [`check_split`] for every
+/// case.
+fn assert_split_matches(
+    label: &str,
+    seed: u64,
+    spec: &engine_core::ModelSpec,
+    tps: impl IntoIterator<Item = usize>,
+    run: &RunSeqs,
+) {
+    let model = random_model(spec, seed, std::convert::identity);
     let seqs = random_prompts(seed ^ 1, &[120, 50], spec.vocab_size);
     let prompt = [100, 30];
     let mut failures = Vec::new();
-    for tp in [2, 4] {
-        failures.extend(check_split("one GPU", &model, &seqs, &prompt, tp, &|cfg| {
-            run_tp_on_one_gpu(&model, cfg, &seqs, &prompt)
+    for tp in tps {
+        failures.extend(check_split(label, &model, &seqs, &prompt, tp, &|cfg| {
+            run(&model, cfg, &seqs, &prompt)
         }));
     }
     assert!(
         failures.is_empty(),
-        "the split model differs from the unsplit one (seed {seed}):\n{}",
+        "{label}: the split model differs from the unsplit one (seed {seed}):\n{}",
         failures.join("\n")
     );
 }
@@ -667,18 +684,6 @@ fn tensor_parallel_matches_tp1() {
         vocab_size: 32_768,
         ..engine_core::model::model_shape("llama3-8b").unwrap()
     };
-    let model = random_model(&spec, seed, std::convert::identity);
-    let seqs = random_prompts(seed ^ 1, &[150, 60], spec.vocab_size);
-    let prompt = [120, 40];
-    let mut failures = Vec::new();
-    for tp in [2, 4].into_iter().filter(|&t| t <= count) {
-        failures.extend(check_split("GPUs", &model, &seqs, &prompt, tp, &|cfg| {
-            run_gpu(&model, cfg, &seqs, &prompt)
-        }));
-    }
-    assert!(
-        failures.is_empty(),
-        "tensor parallel differs from tp = 1 (seed {seed}):\n{}",
-        failures.join("\n")
-    );
+    let tps = [2, 4].into_iter().filter(|&t| t <= count);
+    assert_split_matches("GPUs", seed, &spec, tps, &run_gpu);
 }
