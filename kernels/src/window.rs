@@ -25,7 +25,7 @@ const KEEP_THREADS: u32 = 256;
 /// `WIN_MAX` in recent.cu: the largest window the kernel's shared memory holds.
 pub const MAX_DEVICE_WINDOW: usize = 256;
 /// i32 fields of one `WinRow` (recent.cu): slot, chunk start, chunk's first row, position.
-const WIN_ROW_FIELDS: usize = 4;
+pub(crate) const WIN_ROW_FIELDS: usize = 4;
 
 /// The rings of every sequence slot: `[slot][layer][n][kv head][d]` K and V at the cache dtype.
 #[derive(Debug)]
@@ -72,11 +72,14 @@ impl WindowRings {
         self.n == 0
     }
 
-    /// Launches `kvq_window_keep`: this pass's rows marked in `keep` into their rings.
+    /// Launches `kvq_window_keep`: this pass's rows marked in `keep` into their rings. `group`
+    /// (query heads per KV head) picks the decode module the attention already compiled.
+    #[allow(clippy::too_many_arguments)]
     pub fn keep(
         &mut self,
         cache: &GpuCache,
         layer: usize,
+        group: usize,
         fresh: (&CudaSlice<f32>, &CudaSlice<f32>),
         keep: &CudaView<'_, i32>,
         rows: usize,
@@ -86,7 +89,7 @@ impl WindowRings {
         }
         let gpu: &Arc<GpuContext> = cache.gpu();
         let spec = Specialization {
-            group: 1,
+            group,
             ..*cache.spec()
         };
         let f = gpu.function(KernelKind::Decode, &spec, "kvq_window_keep")?;

@@ -357,17 +357,19 @@ impl Scheduler {
     /// The lowest device window slot no running sequence holds (fewer than `max_batch_size`
     /// sequences run, so it is below that: a device runner keeps that many rings).
     fn free_window_slot(&self) -> usize {
-        let held = |slot| {
-            self.running.iter().any(|s| {
-                s.window.as_ref().is_some_and(|w| {
-                    w.lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner())
-                        .device_slot()
-                        == slot
-                })
+        let held: Vec<usize> = self
+            .running
+            .iter()
+            .filter_map(|s| s.window.as_ref())
+            .map(|w| {
+                w.lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .device_slot()
             })
-        };
-        (0..).find(|&slot| !held(slot)).expect("a free slot")
+            .collect();
+        (0..)
+            .find(|slot| !held.contains(slot))
+            .expect("a free slot")
     }
 
     /// Releases the blocks of the most recently admitted sequence and puts it back at the head

@@ -24,7 +24,6 @@ use engine_core::model::{
     check_logit_rows, lock_windows, DeviceRunner, DeviceRunnerRegistration, DeviceRunnerRequest,
     LlamaModel, LogitsFor, SeqInput,
 };
-use engine_core::ops::linear::Linear;
 use engine_core::{KvqError, ModelSpec};
 
 use crate::blas::{Blas, GpuMatrix};
@@ -33,7 +32,7 @@ use crate::decode::DecodeWorkspace;
 use crate::device::GpuContext;
 use crate::spec::{check_decode_layout, KernelKind, Specialization};
 use crate::tp::{shard_layer, HostMatrix, LayerSplit, Shard, TpGroup};
-use crate::window::{WindowRings, WindowStep};
+use crate::window::{WindowRings, WindowStep, WIN_ROW_FIELDS};
 use crate::KernelError;
 
 /// Threads per CTA of the row kernels (`NORM_THREADS` in model.cu).
@@ -130,10 +129,43 @@ impl StepInputs {
     }
     /// The window rows each row attends to and the ones the rings keep.
     fn window_rows(&self) -> Option<(CudaView<'_, i32>, CudaView<'_, i32>)> {
-        let half = 4 * self.rows;
+        let half = WIN_ROW_FIELDS * self.rows;
         self.window_rows
             .as_ref()
             .map(|w| (w.slice(..half), w.slice(half..2 * half)))
+    }
+}
+
+/// A step's indices on the host, as [`StepInputs`] holds them on each rank's device.
+struct HostStep {
+    packed: Vec<i32>,
+    slots: Vec<i32>,
+    tables: Vec<i32>,
+    context_lens: Vec<i32>,
+    window_rows: Option<Vec<i32>>,
+    rows: usize,
+    out_rows: usize,
+    max_blocks: usize,
+    max_context: usize,
+}
+
+impl HostStep {
+    fn upload(&self, gpu: &GpuContext) -> Result<StepInputs, KernelError> {
+        Ok(StepInputs {
+            packed: upload(gpu, &self.packed, "tokens, positions and logit rows")?,
+            slots: upload(gpu, &self.slots, "slots")?,
+            block_tables: upload(gpu, &self.tables, "block tables")?,
+            context_lens: upload(gpu, &self.context_lens, "context lengths")?,
+            window_rows: self
+                .window_rows
+                .as_ref()
+                .map(|w| upload(gpu, w, "window rows"))
+                .transpose()?,
+            rows: self.rows,
+            out_rows: self.out_rows,
+            max_blocks: self.max_blocks,
+            max_context: self.max_context,
+        })
     }
 }
 
@@ -257,16 +289,19 @@ impl GpuLlama {
     /// tables, and compiles the model kernels. The cache comes later ([`GpuLlama::set_cache`]),
     /// sized from the memory left.
     pub fn upload(gpu: &Arc<GpuContext>, model: &LlamaModel) -> Result<Self, KernelError> {
-        Self::upload_shard(gpu, model, Shard::new(0, 1)?)
+        let embeddings = HostMatrix::from_linear(model.embeddings());
+        Self::upload_shard(gpu, model, Shard::new(0, 1)?, &embeddings)
     }
 
     /// [`GpuLlama::upload`] of tensor-parallel rank `shard`: its query and KV heads and its
     /// slice of the MLP (`crate::tp::shard`); the embeddings on every rank (a lookup needs no
     /// communication), the output head on rank 0 only, which computes the logits.
+    /// `embeddings` is `model.embeddings()` in f32, dequantized once for all ranks.
     pub fn upload_shard(
         gpu: &Arc<GpuContext>,
         model: &LlamaModel,
         shard: Shard,
+        embeddings: &HostMatrix,
     ) -> Result<Self, KernelError> {
         let full = &model.spec;
         if full.head_dim_k % 2 != 0 {
@@ -306,13 +341,13 @@ impl GpuLlama {
             })
             .collect::<Result<Vec<_>, KernelError>>()?;
         let vocab = s.vocab_size;
-        let whole = |l: &Linear| HostMatrix::from_linear(l);
-        let embed = m(hd, &[("embeddings", &whole(model.embeddings()), vocab)])?;
+        let embed = m(hd, &[("embeddings", embeddings, vocab)])?;
         let tied = std::ptr::eq(model.lm_head(), model.embeddings());
         let lm_head = if shard.rank() != 0 || tied {
             None
         } else {
-            Some(m(hd, &[("lm_head", &whole(model.lm_head()), vocab)])?)
+            let head = HostMatrix::from_linear(model.lm_head());
+            Some(m(hd, &[("lm_head", &head, vocab)])?)
         };
         let (cos, sin) = model.rope().tables();
         Ok(Self {
@@ -392,15 +427,19 @@ impl GpuLlama {
         self.cache.as_ref()
     }
 
-    /// Checks the batch as the CPU forward does and uploads its indices.
-    fn inputs(
+    /// Checks the batch as the CPU forward does and builds its indices on the host (once for
+    /// every rank: the ranks' caches and windows have the same shape).
+    fn host_step(
         &self,
         seqs: &[SeqInput<'_>],
         windows: &[Option<MutexGuard<'_, RecentWindow>>],
         logit_rows: &[usize],
-        cache: &GpuCache,
-    ) -> Result<StepInputs, KvqError> {
+    ) -> Result<HostStep, KvqError> {
         let s = &self.spec;
+        let cache = self
+            .cache
+            .as_ref()
+            .ok_or_else(|| KvqError::InvalidArgument("the GPU model has no cache".into()))?;
         let bs = cache.layout().block_size;
         let bad = KvqError::InvalidArgument;
         let max_blocks = seqs
@@ -459,23 +498,15 @@ impl GpuLlama {
             }
         }
         let max_context = step.codec_context.iter().copied().max().unwrap_or(0) as usize;
-        let g = &*self.gpu;
-        let dev = |e: KernelError| device_error(g, e);
-        // The layout the accessors of `StepInputs` slice.
-        let packed = [&tokens[..], &positions, &out_rows].concat();
-        Ok(StepInputs {
+        Ok(HostStep {
             rows: tokens.len(),
             out_rows: out_rows.len(),
-            packed: upload(g, &packed, "tokens, positions and logit rows").map_err(dev)?,
-            slots: upload(g, &slots, "slots").map_err(dev)?,
-            block_tables: upload(g, &tables, "block tables").map_err(dev)?,
-            context_lens: upload(g, &step.codec_context, "context lengths").map_err(dev)?,
-            window_rows: match step.any() {
-                true => Some(
-                    upload(g, &[step.attend, step.keep].concat(), "window rows").map_err(dev)?,
-                ),
-                false => None,
-            },
+            // The layout the accessors of `StepInputs` slice.
+            packed: [&tokens[..], &positions, &out_rows].concat(),
+            slots,
+            tables,
+            window_rows: step.any().then(|| [&step.attend[..], &step.keep].concat()),
+            context_lens: step.codec_context,
             max_blocks,
             max_context,
         })
@@ -581,24 +612,21 @@ pub(crate) fn forward_ranks(
     logit_rows: &[usize],
 ) -> Result<usize, KvqError> {
     let mut windows = lock_windows(seqs)?;
+    let Some(first) = ranks.first() else {
+        return Err(KvqError::InvalidArgument("no GPU ranks".into()));
+    };
+    let step = first.host_step(seqs, &windows, logit_rows)?;
+    if step.rows == 0 {
+        return Ok(0);
+    }
     let mut inps = Vec::with_capacity(ranks.len());
     for r in ranks.iter() {
         let g = &r.gpu;
+        let dev = |e| device_error(g, e);
         g.context()
             .bind_to_thread()
-            .map_err(|e| device_error(g, KernelError::driver("binding the context", e)))?;
-        let cache = r
-            .cache
-            .as_ref()
-            .ok_or_else(|| KvqError::InvalidArgument("the GPU model has no cache".into()))?;
-        inps.push(r.inputs(seqs, &windows, logit_rows, cache)?);
-    }
-    let Some(first) = inps.first() else {
-        return Err(KvqError::InvalidArgument("no GPU ranks".into()));
-    };
-    let out_rows = first.out_rows;
-    if first.rows == 0 {
-        return Ok(0);
+            .map_err(|e| dev(KernelError::driver("binding the context", e)))?;
+        inps.push(step.upload(g).map_err(dev)?);
     }
     pass::run_pass(ranks, &inps, group).map_err(|e| device_error(&ranks[0].gpu, e))?;
     // The rings hold this pass's positions now (the host windows only track the end).
@@ -607,7 +635,7 @@ pub(crate) fn forward_ranks(
             w.advance(seq.tokens.len());
         }
     }
-    Ok(out_rows)
+    Ok(step.out_rows)
 }
 
 fn device_error(gpu: &GpuContext, e: KernelError) -> KvqError {

@@ -14,7 +14,7 @@ use engine_core::{AttentionBackend, KvDtype, KvqError, ModelSpec};
 use super::{forward_ranks, GpuLlama};
 use crate::cache::GpuCache;
 use crate::device::GpuContext;
-use crate::tp::{LayerSplit, Shard, TpGroup};
+use crate::tp::{HostMatrix, LayerSplit, Shard, TpGroup};
 use crate::KernelError;
 
 /// A Llama model split over `tp` GPUs (Megatron style, `crate::tp`).
@@ -48,10 +48,11 @@ impl TpLlama {
                 });
             }
         }
+        let embeddings = HostMatrix::from_linear(model.embeddings());
         let ranks = ordinals
             .iter()
             .zip(shards)
-            .map(|(&o, s)| GpuLlama::upload_shard(&GpuContext::new(o)?, model, s))
+            .map(|(&o, s)| GpuLlama::upload_shard(&GpuContext::new(o)?, model, s, &embeddings))
             .collect::<Result<Vec<_>, KernelError>>()?;
         let group = TpGroup::new(ranks.iter().map(|r| r.gpu().stream().clone()).collect())?;
         Ok(Self {

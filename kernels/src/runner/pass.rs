@@ -192,7 +192,7 @@ impl GpuLlama {
             decode_attention(cache, l, &batch, &mut a.attn, &mut self.decode_ws)?;
         }
         if let Some(((_, keep), rings)) = window {
-            rings.keep(cache, l, (&a.k, &a.v), &keep, rows)?;
+            rings.keep(cache, l, heads / kvh, (&a.k, &a.v), &keep, rows)?;
         }
         {
             let n = (rows * d.attn) as i64;

@@ -150,7 +150,14 @@ fn window_case(g: &Arc<GpuContext>, c: &Case, n: usize, ctx: &[usize], fresh: &[
         );
         let keep = upload(g, &step.keep);
         rings
-            .keep(&cache, LAYERS - 1, (&kd, &vd), &keep.slice(..), first_row)
+            .keep(
+                &cache,
+                LAYERS - 1,
+                HEADS / KV_HEADS,
+                (&kd, &vd),
+                &keep.slice(..),
+                first_row,
+            )
             .expect("keep");
     }
 
