@@ -19,29 +19,22 @@ pub struct GpuMatrix {
 }
 
 impl GpuMatrix {
-    /// Uploads an f32 `[out, in]` matrix, rounded to f16 (saturating: a weight beyond f16's
-    /// range is an error, not an infinity).
+    /// Uploads an f32 `[out, in]` matrix given as `parts` stacked row-wise (e.g. Q, K and V
+    /// as one matrix), rounded to f16 ([`crate::weights::f16_bits_stacked`]: a weight beyond
+    /// f16's range is an error, not an infinity).
     pub fn upload(
         gpu: &GpuContext,
-        w: &[f32],
+        parts: &[&[f32]],
         out_dim: usize,
         in_dim: usize,
     ) -> Result<Self, KernelError> {
-        if w.len() != out_dim * in_dim {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len != out_dim * in_dim {
             return Err(KernelError::InvalidArgument(format!(
-                "matrix of {} values is not {out_dim}×{in_dim}",
-                w.len()
+                "matrix of {len} values is not {out_dim}×{in_dim}"
             )));
         }
-        if let Some(x) = w.iter().find(|x| !x.is_finite() || x.abs() > 65504.0) {
-            return Err(KernelError::Unsupported(format!(
-                "weight {x} does not fit f16 (the GPU runner keeps weights in f16)"
-            )));
-        }
-        let bits: Vec<u16> = w
-            .iter()
-            .map(|&x| engine_core::dtype::f32_to_f16_bits(x))
-            .collect();
+        let bits = crate::weights::f16_bits_stacked(parts)?;
         let data = gpu
             .stream()
             .clone_htod(&bits)

@@ -6,6 +6,8 @@
 //!   layout the kernels address bytes with (pure data, always built);
 //! - [`tp`]: tensor parallelism, the per-rank weight split (always built) and, with `cuda`,
 //!   the NCCL all-reduce over the ranks' devices;
+//! - [`weights`]: weights rounded to f16 on the host, in parallel, for the upload (always
+//!   built);
 //! - with the `cuda` feature: [`device::GpuContext`] (context, stream, module cache),
 //!   [`cache::GpuCache`] (the paged cache in device memory, same bytes as
 //!   `engine_core::cache::PagedKvCache`, with the quantize-and-store launcher),
@@ -24,6 +26,7 @@ pub mod spec;
 /// (host side, always built, so it is tested without a GPU) and, with `cuda`, the NCCL
 /// communicators whose all-reduce joins the ranks' partial sums.
 pub mod tp;
+pub mod weights;
 
 #[cfg(feature = "cuda")]
 pub mod blas;

@@ -245,16 +245,8 @@ fn upload_stacked(
         }
     }
     let out_dim = parts.iter().map(|p| p.2).sum();
-    match parts {
-        [(_, m, _)] => GpuMatrix::upload(gpu, &m.data, out_dim, in_dim),
-        _ => {
-            let w: Vec<f32> = parts
-                .iter()
-                .flat_map(|p| p.1.data.iter().copied())
-                .collect();
-            GpuMatrix::upload(gpu, &w, out_dim, in_dim)
-        }
-    }
+    let data: Vec<&[f32]> = parts.iter().map(|p| p.1.data.as_slice()).collect();
+    GpuMatrix::upload(gpu, &data, out_dim, in_dim)
 }
 
 fn zeros<T: DeviceRepr + ValidAsZeroBits>(

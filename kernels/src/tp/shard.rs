@@ -5,13 +5,15 @@
 //! Column-parallel matrices keep whole output rows, so a rank's product is exactly the
 //! full product's rows for its heads; row-parallel matrices keep whole columns of the rank's
 //! inputs, so a rank's product is a partial sum that an all-reduce completes. Quantized
-//! weights are dequantized a row at a time: a rank never holds more than its own share in f32.
+//! weights are dequantized only where the rank's share lies (rows in parallel chunks): a rank
+//! never holds more than its share in f32.
 
 use std::ops::Range;
 
 use engine_core::model::LlamaLayer;
 use engine_core::ops::linear::Linear;
 use engine_core::ModelSpec;
+use rayon::prelude::*;
 
 use crate::KernelError;
 
@@ -84,9 +86,7 @@ impl HostMatrix {
         assert!(rows.end <= w.out_dim, "rows {rows:?} of {}", w.out_dim);
         let cols = w.in_dim;
         let mut data = vec![0f32; rows.len() * cols];
-        for (i, out) in rows.clone().zip(data.chunks_exact_mut(cols.max(1))) {
-            w.row_into(i, out);
-        }
+        w.dequantize_rows(rows.clone(), &mut data);
         Self {
             data,
             rows: rows.len(),
@@ -100,11 +100,17 @@ impl HostMatrix {
     /// When `cols` reaches past `w.in_dim`.
     pub fn cols_of(w: &Linear, cols: Range<usize>) -> Self {
         assert!(cols.end <= w.in_dim, "columns {cols:?} of {}", w.in_dim);
-        let mut row = vec![0f32; w.in_dim];
-        let mut data = Vec::with_capacity(w.out_dim * cols.len());
-        for i in 0..w.out_dim {
-            w.row_into(i, &mut row);
-            data.extend_from_slice(&row[cols.clone()]);
+        let mut data = vec![0f32; w.out_dim * cols.len()];
+        if !cols.is_empty() {
+            data.par_chunks_exact_mut(cols.len())
+                .enumerate()
+                .for_each_init(
+                    || vec![0f32; w.in_dim],
+                    |row, (i, out)| {
+                        w.row_into(i, row);
+                        out.copy_from_slice(&row[cols.clone()]);
+                    },
+                );
         }
         Self {
             data,

@@ -193,6 +193,58 @@ fn one_rank_keeps_every_matrix_whole() {
     assert_eq!(s.split.ff, 0..96);
 }
 
+/// A quantized (Q8_0) matrix of 37 rows, so shards start and end inside the 8-row groups the
+/// packed dequantizer takes whole: row and column shards hold exactly its rows' values.
+#[test]
+fn quantized_shards_hold_the_dequantized_rows() {
+    use engine_core::dtype::f32_to_f16_bits;
+    use engine_core::loader::GgmlType;
+    let seed = fresh_seed("tp quantized shards");
+    let (out, inp) = (37, 64);
+    let g = gaussian(&mut rng(seed), out * inp);
+    // Q8_0 blocks of 32: an f16 scale, then 32 signed bytes.
+    let data: Vec<u8> = g
+        .chunks_exact(32)
+        .flat_map(|b| {
+            let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+            let mut block = f32_to_f16_bits(scale).to_le_bytes().to_vec();
+            block.extend(b.iter().map(|x| ((x / scale).round() as i8) as u8));
+            block
+        })
+        .collect();
+    let w = Linear::quantized(GgmlType::Q8_0, &data, out, inp).unwrap();
+    let mut row = vec![f32::NAN; inp];
+    let rows: Vec<Vec<f32>> = (0..out)
+        .map(|i| {
+            w.row_into(i, &mut row);
+            row.clone()
+        })
+        .collect();
+    for r in [0..out, 3..29, 9..16, 30..37] {
+        let m = HostMatrix::rows_of(&w, r.clone());
+        assert_eq!((m.rows, m.cols), (r.len(), inp));
+        for (i, want) in r.clone().map(|i| (i, &rows[i])) {
+            assert_eq!(
+                m.row(i - r.start),
+                &want[..],
+                "row {i} of {r:?} (seed {seed})"
+            );
+        }
+    }
+    for c in [0..inp, 32..64, 5..6] {
+        let m = HostMatrix::cols_of(&w, c.clone());
+        assert_eq!((m.rows, m.cols), (out, c.len()));
+        for (i, want) in rows.iter().enumerate() {
+            assert_eq!(
+                m.row(i),
+                &want[c.clone()],
+                "row {i}, columns {c:?} (seed {seed})"
+            );
+        }
+    }
+    assert!(rows.iter().flatten().all(|x| x.is_finite()));
+}
+
 #[test]
 fn column_parallel_shards_concatenate_to_the_full_product_exactly() {
     let spec = spec();

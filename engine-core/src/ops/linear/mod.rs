@@ -191,8 +191,16 @@ impl Linear {
         w
     }
 
-    /// Rows `rows` of `W` in f32 into `out`, in parallel.
-    fn dequantize_rows(&self, rows: Range<usize>, out: &mut [f32]) {
+    /// Rows `rows` of `W` in f32 into `out` (`rows.len() × in_dim` values), in parallel.
+    ///
+    /// # Panics
+    /// When `rows` reaches past `out_dim` or `out` is shorter.
+    pub fn dequantize_rows(&self, rows: Range<usize>, out: &mut [f32]) {
+        assert!(
+            rows.end <= self.out_dim,
+            "rows {rows:?} of {}",
+            self.out_dim
+        );
         let k = self.in_dim;
         // Chunks of whole groups (when `rows` starts on one) for the packed fast path.
         const CHUNK: usize = 4 * GROUP;
