@@ -67,9 +67,30 @@ impl SpeculationStats {
 /// shares steps with the decoding sequences instead of stalling them.
 pub const DEFAULT_MAX_PREFILL_TOKENS: usize = 1024;
 
-/// Loads a model's spec, weights and tokenizer (no cache) from a GGUF file or an HF directory.
+/// How the host holds an HF checkpoint's F16/BF16 matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HalfWeights {
+    /// Widened to f32: the CPU's matmuls run on f32 (twice the memory).
+    Widen,
+    /// Kept in 16 bits: a GPU runner reads each weight once, at upload, so an 8B model takes
+    /// 16 GB of host memory instead of 32 (and a 70B one fits a host with 256 GB).
+    Keep,
+}
+
+/// Loads a model's spec, weights and tokenizer (no cache) from a GGUF file or an HF directory,
+/// for the CPU ([`HalfWeights::Widen`]; see [`load_model_for`]).
 pub fn load_model(
     path: &Path,
+    progress: &mut dyn FnMut(LoadStage),
+) -> Result<(ModelSpec, LlamaModel, Tokenizer), KvqError> {
+    load_model_for(path, HalfWeights::Widen, progress)
+}
+
+/// [`load_model`] with a choice of how 16-bit float matrices are held (GGUF files keep their
+/// quantized blocks either way).
+pub fn load_model_for(
+    path: &Path,
+    half: HalfWeights,
     progress: &mut dyn FnMut(LoadStage),
 ) -> Result<(ModelSpec, LlamaModel, Tokenizer), KvqError> {
     let origin = path.display().to_string();
@@ -80,7 +101,7 @@ pub fn load_model(
         });
     }
     if path.is_dir() {
-        return load_hf_dir(path, progress);
+        return load_hf_dir(path, half, progress);
     }
     progress(LoadStage::ReadingHeader);
     let tensors = GgufTensors::open(path)?;
@@ -111,6 +132,7 @@ fn check_architecture(spec: &ModelSpec, origin: &str) -> Result<(), KvqError> {
 /// `tokenizer.json` (with `tokenizer_config.json` for BOS/EOS and the chat template).
 fn load_hf_dir(
     dir: &Path,
+    half: HalfWeights,
     progress: &mut dyn FnMut(LoadStage),
 ) -> Result<(ModelSpec, LlamaModel, Tokenizer), KvqError> {
     for (file, what) in [
@@ -130,7 +152,10 @@ fn load_hf_dir(
     progress(LoadStage::ReadingHeader);
     let spec = ModelSpec::from_path(dir)?;
     check_architecture(&spec, &dir.join("config.json").display().to_string())?;
-    let weights = SafetensorsWeights::open_dir(dir)?;
+    let mut weights = SafetensorsWeights::open_dir(dir)?;
+    if half == HalfWeights::Keep {
+        weights = weights.keeping_16bit();
+    }
     progress(LoadStage::LoadingWeights);
     let model = load_llama(&weights, &spec)?;
     drop(weights);
@@ -166,7 +191,12 @@ impl Engine {
             // Refuse a bad combination from the metadata alone, before loading any weights.
             ResolvedConfig::new(&ModelSpec::from_path(path)?, config)?;
         }
-        let (spec, model, tokenizer) = load_model(path, progress)?;
+        // The GPU uploads f16 copies of the weights: the host keeps 16-bit ones as they are.
+        let half = match config.device()? {
+            DeviceChoice::Cuda(_) => HalfWeights::Keep,
+            DeviceChoice::Auto | DeviceChoice::Cpu => HalfWeights::Widen,
+        };
+        let (spec, model, tokenizer) = load_model_for(path, half, progress)?;
         progress(LoadStage::AllocatingCache);
         let engine = Self::from_model(config, spec, model, tokenizer)?;
         progress(LoadStage::Ready);

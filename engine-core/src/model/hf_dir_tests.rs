@@ -19,9 +19,9 @@ use crate::cache::{BlockPool, BlockTable, CacheLayout, PagedKvCache, RecentWindo
 use crate::codec::{float_codec, KvCodec};
 use crate::config::EngineConfig;
 use crate::dtype::KvDtype;
-use crate::engine::{load_model, LoadStage};
+use crate::engine::{load_model, load_model_for, HalfWeights, LoadStage};
 use crate::error::{ConfigError, KvqError};
-use crate::loader::Tokenizer;
+use crate::loader::{GgmlType, Tokenizer};
 use crate::model_spec::ModelSpec;
 use crate::testing::{gaussian, rng};
 
@@ -377,6 +377,30 @@ fn tiny_llama_round_trips_in_f32_f16_and_bf16() {
         assert_eq!(a.len(), tokens.len() * spec.vocab_size);
         assert!(a.iter().all(|x| x.is_finite()));
         assert_eq!(max_abs_diff(&a, &b), 0.0, "{dtype:?}");
+        // Kept in 16 bits (for a GPU runner), the matrices hold the same values in half the
+        // bytes, and the model computes the same logits.
+        let kept = load_llama(&w.keeping_16bit(), &spec).unwrap();
+        let (stored, bytes) = match dtype {
+            Dtype::F16 => (GgmlType::F16, 2),
+            Dtype::BF16 => (GgmlType::BF16, 2),
+            _ => (GgmlType::F32, 4),
+        };
+        let pairs = [
+            (&kept.layers()[1].wk, &model.layers()[1].wk),
+            (&kept.layers()[0].w_down, &model.layers()[0].w_down),
+            (kept.embeddings(), model.embeddings()),
+        ];
+        for (k, m) in pairs {
+            assert_eq!(k.ggml_type(), stored, "{dtype:?}");
+            assert_eq!(k.weight_bytes(), k.out_dim * k.in_dim * bytes, "{dtype:?}");
+            assert_eq!(k.to_f32(), m.to_f32(), "{dtype:?}");
+        }
+        let c = logits(&kept, &tokens);
+        assert!(
+            max_abs_diff(&a, &c) <= 1e-5,
+            "{dtype:?}: {}",
+            max_abs_diff(&a, &c)
+        );
     }
 }
 
@@ -616,9 +640,18 @@ fn load_model_reads_an_hf_directory() {
     assert_eq!(tokenizer.encode("t5 t17 t95", false).unwrap(), [5, 17, 95]);
     assert_eq!((tokenizer.bos_id(), tokenizer.eos_id()), (Some(1), Some(2)));
     assert_eq!(tokenizer.chat_template(), Some("{{ x }}"));
-    let reference = load_llama(&InMemory(entries), &spec).unwrap();
+    let reference = load_llama(&InMemory(entries.clone()), &spec).unwrap();
     let tokens = [5u32, 17, 95];
     assert_eq!(logits(&model, &tokens), logits(&reference, &tokens));
+    // An F16 checkpoint for a GPU runner: its matrices stay 16-bit; the same model.
+    write_safetensors(&dir.join("model.safetensors"), &entries, Dtype::F16);
+    let load = |half| load_model_for(dir.path(), half, &mut |_| {}).unwrap().1;
+    let (widened, kept) = (load(HalfWeights::Widen), load(HalfWeights::Keep));
+    assert_eq!(widened.layers()[0].wq.ggml_type(), GgmlType::F32);
+    assert_eq!(kept.layers()[0].wq.ggml_type(), GgmlType::F16);
+    assert_eq!(kept.lm_head().to_f32(), widened.lm_head().to_f32());
+    let (a, b) = (logits(&widened, &tokens), logits(&kept, &tokens));
+    assert!(max_abs_diff(&a, &b) <= 1e-5, "{}", max_abs_diff(&a, &b));
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! Llama weights from a Hugging Face model directory: `config.json` beside one or more
 //! `*.safetensors` files (a sharded checkpoint lists its shards in
 //! `model.safetensors.index.json`). Every file is memory-mapped and its header checked when the
-//! directory is opened; a tensor is converted to f32 (from f32, f16 or bf16) when it is asked for.
+//! directory is opened; a tensor is converted to f32 (from f32, f16 or bf16) when it is asked for,
+//! or, for a GPU runner, an F16/BF16 matrix is kept in 16 bits
+//! ([`SafetensorsWeights::keeping_16bit`]).
 //!
 //! HF stores Q/K rows in the "rotate half" order the forward pass uses, so unlike GGUF nothing is
 //! permuted.
@@ -13,9 +15,11 @@ use ::safetensors::tensor::{Metadata, TensorInfo};
 use ::safetensors::{Dtype, SafeTensors};
 use rayon::prelude::*;
 
-use super::weights::{LlamaTensor, WeightSource};
+use super::weights::{f32_linear, LlamaTensor, WeightSource};
 use crate::error::KvqError;
+use crate::loader::GgmlType;
 use crate::model_spec::ModelSpec;
+use crate::ops::linear::Linear;
 
 /// The index file of a sharded checkpoint.
 pub const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
@@ -77,6 +81,8 @@ pub struct SafetensorsWeights {
     shards: Vec<Shard>,
     /// Tensor name → index into `shards`.
     by_name: HashMap<String, usize>,
+    /// Matrices stored as F16/BF16 stay 16-bit ([`SafetensorsWeights::keeping_16bit`]).
+    keep_16bit: bool,
 }
 
 fn model_err(path: impl std::fmt::Display, reason: impl Into<String>) -> KvqError {
@@ -140,7 +146,50 @@ impl SafetensorsWeights {
             origin: origin.to_string(),
             shards,
             by_name,
+            keep_16bit: false,
         })
+    }
+
+    /// Keeps F16 and BF16 matrices in 16 bits instead of widening them to f32: half the host
+    /// memory, for a GPU runner that reads each weight once at upload (the CPU's matmuls are
+    /// faster on f32). Norms are small and stay f32.
+    pub fn keeping_16bit(mut self) -> Self {
+        self.keep_16bit = true;
+        self
+    }
+
+    /// `t` as a 16-bit [`Linear`] when it is stored as F16 or BF16 with the shape `spec`
+    /// implies; `None` otherwise (the f32 path then reads it, or reports what is wrong).
+    fn half_linear(
+        &self,
+        t: LlamaTensor,
+        spec: &ModelSpec,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<Option<Linear>, KvqError> {
+        if t == LlamaTensor::LmHead && spec.tie_word_embeddings {
+            return Ok(None);
+        }
+        let Some((_, info, bytes)) = self.locate(&hf_tensor_name(t)) else {
+            return Ok(None);
+        };
+        let ty = match info.dtype {
+            Dtype::F16 => GgmlType::F16,
+            Dtype::BF16 => GgmlType::BF16,
+            _ => return Ok(None),
+        };
+        if info.shape != expected_shape(t, spec) || info.shape != [out_dim, in_dim] {
+            return Ok(None);
+        }
+        let mut bits = vec![0u16; bytes.len() / 2];
+        bits.par_chunks_mut(CONVERT_CHUNK)
+            .zip(bytes.par_chunks(2 * CONVERT_CHUNK))
+            .for_each(|(dst, src)| {
+                for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = u16::from_le_bytes([s[0], s[1]]);
+                }
+            });
+        Linear::half(ty, bits, out_dim, in_dim).map(Some)
     }
 
     /// Whether any file holds a tensor of that name.
@@ -255,10 +304,12 @@ fn open_shard(path: &Path) -> Result<Shard, KvqError> {
     })
 }
 
+/// Elements per parallel chunk when reading a tensor: large enough that scheduling costs nothing.
+const CONVERT_CHUNK: usize = 1 << 16;
+
 /// Little-endian `bytes` of `dtype` as f32; `None` for a dtype other than F32, F16 or BF16.
 fn convert(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    // Elements per parallel chunk: large enough that scheduling costs nothing.
-    const CHUNK: usize = 1 << 16;
+    const CHUNK: usize = CONVERT_CHUNK;
     let (size, one): (usize, fn(&[u8]) -> f32) = match dtype {
         Dtype::F32 => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
         Dtype::F16 => (2, |b| {
@@ -315,5 +366,20 @@ impl WeightSource for SafetensorsWeights {
 
     fn origin(&self) -> &str {
         &self.origin
+    }
+
+    fn linear(
+        &self,
+        t: LlamaTensor,
+        spec: &ModelSpec,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<Option<Linear>, KvqError> {
+        if self.keep_16bit {
+            if let Some(l) = self.half_linear(t, spec, out_dim, in_dim)? {
+                return Ok(Some(l));
+            }
+        }
+        f32_linear(self, t, spec, out_dim, in_dim, &format!("{t:?}"))
     }
 }

@@ -53,7 +53,7 @@ pub trait WeightSource {
 
 /// `t` read through [`WeightSource::tensor`] as an f32 `[out_dim, in_dim]` matrix; `shown` names
 /// the tensor in the shape error.
-fn f32_linear<S: WeightSource + ?Sized>(
+pub(super) fn f32_linear<S: WeightSource + ?Sized>(
     src: &S,
     t: LlamaTensor,
     spec: &ModelSpec,

@@ -1,13 +1,14 @@
-//! Dense layers `y = x·Wᵀ` with `W` stored `[out, in]` row-major (the GGUF/HF layout), in f32 or
-//! in a ggml block format (`Q4_0`, `Q4_1`, `Q8_0`) as the model file stores it.
+//! Dense layers `y = x·Wᵀ` with `W` stored `[out, in]` row-major (the GGUF/HF layout), in f32,
+//! in f16/bf16 or in a ggml block format (`Q4_0`, `Q4_1`, `Q8_0`) as the model file stores it.
 //!
 //! Quantized weights are used as they are, the way llama.cpp does: for a few rows (decode)
 //! each activation row is quantized to 8-bit blocks ([`act`], with a second 8-bit block for the
 //! rounding residual) and each output is a sum of exact integer block dot products times a
 //! scale ([`quant`]), with an AVX2 kernel chosen at run time and a portable scalar kernel as
 //! the reference. For many rows (prefill) the weights are dequantized a tile at a time and
-//! multiplied with the f32 GEMM, which is faster there ([`Path::auto`]). Work is split over
-//! output rows with rayon.
+//! multiplied with the f32 GEMM, which is faster there ([`Path::auto`]). 16-bit float weights
+//! are kept in 16 bits (an 8B model in 16 GB of host memory, not 32) and always take the tiled
+//! path, widened to f32 a tile at a time. Work is split over output rows with rayon.
 
 pub mod act;
 mod dense;
@@ -37,6 +38,11 @@ pub struct Linear {
 #[derive(Debug, Clone)]
 enum Weights {
     F32(Vec<f32>),
+    /// f16 or bf16 (`ty`) bit patterns, row-major.
+    Half {
+        bits: Vec<u16>,
+        ty: GgmlType,
+    },
     /// `out_dim` rows of `in_dim / 32` ggml blocks, interleaved by 8 rows ([`Packed`]).
     Quant(Packed),
 }
@@ -117,6 +123,35 @@ impl Linear {
         }
     }
 
+    /// A matrix of 16-bit floats (`ty` is `F16` or `BF16`), `[out_dim, in_dim]` row-major as
+    /// bit patterns, kept in 16 bits.
+    pub fn half(
+        ty: GgmlType,
+        bits: Vec<u16>,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<Self, KvqError> {
+        if !matches!(ty, GgmlType::F16 | GgmlType::BF16) {
+            return Err(KvqError::InvalidArgument(format!(
+                "a 16-bit float matrix is F16 or BF16, not {}",
+                ty.name()
+            )));
+        }
+        if bits.len() != out_dim * in_dim {
+            return Err(KvqError::InvalidArgument(format!(
+                "{} matrix [{out_dim}, {in_dim}] needs {} values, got {}",
+                ty.name(),
+                out_dim * in_dim,
+                bits.len()
+            )));
+        }
+        Ok(Self {
+            out_dim,
+            in_dim,
+            weights: Weights::Half { bits, ty },
+        })
+    }
+
     /// A matrix kept in ggml block format `ty`: `data` is `out_dim` rows of `in_dim` weights
     /// each, as a GGUF file stores them. Formats without a kernel here are an error (dequantize
     /// them and use [`Linear::new`]).
@@ -154,6 +189,7 @@ impl Linear {
     pub fn ggml_type(&self) -> GgmlType {
         match &self.weights {
             Weights::F32(_) => GgmlType::F32,
+            Weights::Half { ty, .. } => *ty,
             Weights::Quant(p) => p.format.ggml(),
         }
     }
@@ -162,7 +198,7 @@ impl Linear {
     pub fn weight_f32(&self) -> Option<&[f32]> {
         match &self.weights {
             Weights::F32(w) => Some(w),
-            Weights::Quant(_) => None,
+            Weights::Half { .. } | Weights::Quant(_) => None,
         }
     }
 
@@ -170,6 +206,7 @@ impl Linear {
     pub fn weight_bytes(&self) -> usize {
         match &self.weights {
             Weights::F32(w) => w.len() * 4,
+            Weights::Half { bits, .. } => bits.len() * 2,
             Weights::Quant(p) => p.len(),
         }
     }
@@ -180,6 +217,7 @@ impl Linear {
         assert_eq!(out.len(), self.in_dim, "row length");
         match &self.weights {
             Weights::F32(w) => out.copy_from_slice(&w[i * self.in_dim..][..self.in_dim]),
+            Weights::Half { bits, ty } => widen(*ty, &bits[i * self.in_dim..][..self.in_dim], out),
             Weights::Quant(p) => p.dequantize_row(i, out),
         }
     }
@@ -212,6 +250,7 @@ impl Linear {
                 let last = (first + CHUNK).min(rows.end);
                 match &self.weights {
                     Weights::F32(w) => o.copy_from_slice(&w[first * k..last * k]),
+                    Weights::Half { bits, ty } => widen(*ty, &bits[first * k..last * k], o),
                     Weights::Quant(p) => p.dequantize_rows(first..last, o),
                 }
             });
@@ -243,6 +282,7 @@ impl Linear {
             Weights::F32(w) => {
                 dense::gemm_into(x, rows, self.in_dim, w, self.out_dim, y, self.out_dim)
             }
+            Weights::Half { .. } => self.forward_dequant(x, y),
             Weights::Quant(packed) => {
                 let path = match path {
                     Path::Auto => Path::auto(rows),
@@ -282,7 +322,7 @@ impl Linear {
             .filter(|m| m.in_dim == first.in_dim)
             .filter_map(|m| match &m.weights {
                 Weights::Quant(p) => Some(p),
-                Weights::F32(_) => None,
+                Weights::F32(_) | Weights::Half { .. } => None,
             })
             .collect();
         let Path::Int(kernel) = path else {
@@ -394,4 +434,19 @@ unsafe fn int_products(targets: &[(&Packed, OutPtr)], x: &[f32], in_dim: usize, 
         chunks.par_iter().for_each(|(k, r)| run(*k, r.clone()));
     }
     ACT.with(|c| c.set(act));
+}
+
+/// 16-bit float bit patterns of `ty` (F16 or BF16) widened to f32 (exactly: every f16 and bf16
+/// value is an f32), with `half`'s vector conversion.
+fn widen(ty: GgmlType, src: &[u16], out: &mut [f32]) {
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    let out = &mut out[..src.len()];
+    match ty {
+        GgmlType::BF16 => src
+            .reinterpret_cast::<half::bf16>()
+            .convert_to_f32_slice(out),
+        _ => src
+            .reinterpret_cast::<half::f16>()
+            .convert_to_f32_slice(out),
+    }
 }

@@ -388,3 +388,60 @@ fn forward_many_equals_separate_products() {
         }
     }
 }
+
+/// 16-bit float matrices hold exactly their values widened to f32 and multiply like the f32
+/// matrix of those values, for one row (decode) and many (prefill), alone and in
+/// `forward_many` beside an f32 matrix; a wrong type or length is an error.
+#[test]
+fn half_matrices_compute_as_their_f32_values() {
+    let seed = fresh_seed("linear half");
+    let mut r = rng(seed);
+    let (out, inp) = (70, 96);
+    for ty in [GgmlType::F16, GgmlType::BF16] {
+        let g = gaussian(&mut r, out * inp);
+        let bits: Vec<u16> = g
+            .iter()
+            .map(|&x| match ty {
+                GgmlType::F16 => half::f16::from_f32(x).to_bits(),
+                _ => half::bf16::from_f32(x).to_bits(),
+            })
+            .collect();
+        let values: Vec<f32> = bits
+            .iter()
+            .map(|&b| match ty {
+                GgmlType::F16 => half::f16::from_bits(b).to_f32(),
+                _ => half::bf16::from_bits(b).to_f32(),
+            })
+            .collect();
+        let h = Linear::half(ty, bits, out, inp).unwrap();
+        let f = Linear::new(values.clone(), out, inp);
+        assert_eq!((h.ggml_type(), h.weight_bytes()), (ty, out * inp * 2));
+        assert!(h.weight_f32().is_none());
+        assert_eq!(h.to_f32(), values, "{ty:?} (seed {seed})");
+        let mut row = poisoned(inp);
+        h.row_into(69, &mut row);
+        assert_eq!(row, values[69 * inp..]);
+        for rows in [1, 7, 300] {
+            let x = gaussian(&mut r, rows * inp);
+            let want = f.forward(&x);
+            let got = h.forward(&x);
+            let tol = want.iter().fold(0f32, |m, y| m.max(y.abs())) * 1e-5;
+            let worst = want
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= tol,
+                "{ty:?} rows {rows}: {worst} > {tol} (seed {seed})"
+            );
+            let (mut y_h, mut y_f) = (poisoned(rows * out), poisoned(rows * out));
+            Linear::forward_many(&[&h, &f], &x, &mut [&mut y_h, &mut y_f], Path::Auto);
+            assert_eq!((y_h, y_f), (got, want), "{ty:?} rows {rows}");
+        }
+    }
+    let e = Linear::half(GgmlType::Q8_0, vec![0; 64], 2, 32).unwrap_err();
+    assert!(e.to_string().contains("F16 or BF16"), "{e}");
+    let e = Linear::half(GgmlType::F16, vec![0; 63], 2, 32).unwrap_err();
+    assert!(e.to_string().contains("needs 64 values, got 63"), "{e}");
+}
