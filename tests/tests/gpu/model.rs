@@ -9,8 +9,11 @@ use engine_core::config::QuantPolicy;
 use engine_core::engine::{Engine, Request};
 use engine_core::eval::agreement::{agreement, Agreement};
 use engine_core::loader::tokenizer::Tokenizer;
-use engine_core::model::{DeviceRunnerRequest, ForwardPass, LlamaModel, LogitsFor, SeqInput};
-use engine_core::ops::linear::Path;
+use engine_core::loader::GgmlType;
+use engine_core::model::{
+    DeviceRunnerRequest, ForwardPass, LlamaLayer, LlamaModel, LogitsFor, SeqInput,
+};
+use engine_core::ops::linear::{Linear, Path};
 use engine_core::plan::ResolvedConfig;
 use engine_core::sampling::SamplingParams;
 use engine_core::testing::fresh_seed;
@@ -553,6 +556,74 @@ fn tp1_runner_matches_the_single_gpu_model() {
             "{backend}:{policy}: tp = 1 runner = single-GPU model over {} logits",
             alone.len()
         );
+    }
+}
+
+/// `model` with every matrix kept in 16 bits of `ty` (F16 or BF16) on the host, as an HF
+/// checkpoint is for the GPU; its values must already lie on `ty`'s grid.
+fn kept_in_16_bits(model: &LlamaModel, ty: GgmlType) -> LlamaModel {
+    let kept = |w: &Linear| {
+        let bits = w
+            .to_f32()
+            .iter()
+            .map(|&x| match ty {
+                GgmlType::F16 => half::f16::from_f32(x).to_bits(),
+                _ => half::bf16::from_f32(x).to_bits(),
+            })
+            .collect();
+        let l = Linear::half(ty, bits, w.out_dim, w.in_dim).unwrap();
+        assert_eq!(l.to_f32(), w.to_f32(), "{ty:?} grid");
+        l
+    };
+    let layers = model
+        .layers()
+        .iter()
+        .map(|l| LlamaLayer {
+            attn_norm: l.attn_norm.clone(),
+            wq: kept(&l.wq),
+            wk: kept(&l.wk),
+            wv: kept(&l.wv),
+            wo: kept(&l.wo),
+            ffn_norm: l.ffn_norm.clone(),
+            w_gate: kept(&l.w_gate),
+            w_up: kept(&l.w_up),
+            w_down: kept(&l.w_down),
+        })
+        .collect();
+    let tied = std::ptr::eq(model.lm_head(), model.embeddings());
+    LlamaModel::from_linears(
+        model.spec.clone(),
+        kept(model.embeddings()),
+        layers,
+        model.final_norm().to_vec(),
+        (!tied).then(|| kept(model.lm_head())),
+    )
+}
+
+/// A model whose matrices the host keeps in 16 bits uploads the same f16 weights as its f32
+/// twin holding the same values: the GPU's logits are bit-identical, for f16 and bf16.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn sixteen_bit_host_weights_upload_the_same_model() {
+    let seed = fresh_seed("gpu 16-bit host weights");
+    let spec = smollm2_shape(2);
+    let seqs = random_prompts(seed ^ 1, &[40, 9], spec.vocab_size);
+    let prompt = [30, 9];
+    let cfg = config("pytorch", 8, "cuda");
+    for ty in [GgmlType::F16, GgmlType::BF16] {
+        let grid: fn(f32) -> f32 = match ty {
+            GgmlType::F16 => |x| half::f16::from_f32(x).to_f32(),
+            _ => |x| half::bf16::from_f32(x).to_f32(),
+        };
+        let wide = random_model(&spec, seed, grid);
+        let kept = kept_in_16_bits(&wide, ty);
+        assert_eq!(kept.layers()[0].wq.ggml_type(), ty);
+        let (a, b) = (
+            run_gpu(&wide, &cfg, &seqs, &prompt),
+            run_gpu(&kept, &cfg, &seqs, &prompt),
+        );
+        assert_eq!(bits(&a), bits(&b), "{ty:?} (seed {seed})");
+        eprintln!("{ty:?}: {} logits identical", a.len());
     }
 }
 
