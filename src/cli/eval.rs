@@ -62,7 +62,7 @@ const DEFAULT_CONFIGS: [&str; 6] = [
 ];
 
 /// `--sweep` without `--configs`: the LMDeploy policies and the [cache] combinations.
-const SWEEP_CONFIGS: [&str; 16] = [
+const SWEEP_CONFIGS: [&str; 18] = [
     "pytorch:8",
     "pytorch:4",
     "pytorch:42",
@@ -79,6 +79,8 @@ const SWEEP_CONFIGS: [&str; 16] = [
     "pytorch:k=tqprod3,v=lm3",
     "pytorch:k=lm4,v=lm2u,window=4",
     "pytorch:k=lm4,v=lm2u,window=16",
+    "pytorch:k=lm4,v=lm4,window=16",
+    "pytorch:k=int4,v=lm4u,rotate,window=16",
 ];
 
 pub fn run(a: EvalArgs) -> Result<(), KvqError> {
