@@ -9,7 +9,7 @@ use crate::config::{DeviceChoice, EngineConfig};
 use crate::error::KvqError;
 use crate::loader::{GgufTensors, Tokenizer};
 use crate::model::{
-    device_runner_factory, load_llama, DeviceRunnerRequest, ForwardPass, LlamaModel,
+    device_runner_factory, load_llama, DeviceRunnerRequest, ForwardPass, HostWeights, LlamaModel,
     SafetensorsWeights,
 };
 use crate::model_spec::{gguf::spec_from_gguf, ModelSpec};
@@ -67,30 +67,20 @@ impl SpeculationStats {
 /// shares steps with the decoding sequences instead of stalling them.
 pub const DEFAULT_MAX_PREFILL_TOKENS: usize = 1024;
 
-/// How the host holds an HF checkpoint's F16/BF16 matrices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HalfWeights {
-    /// Widened to f32: the CPU's matmuls run on f32 (twice the memory).
-    Widen,
-    /// Kept in 16 bits: a GPU runner reads each weight once, at upload, so an 8B model takes
-    /// 16 GB of host memory instead of 32 (and a 70B one fits a host with 256 GB).
-    Keep,
-}
-
 /// Loads a model's spec, weights and tokenizer (no cache) from a GGUF file or an HF directory,
-/// for the CPU ([`HalfWeights::Widen`]; see [`load_model_for`]).
+/// for the CPU ([`HostWeights::F32`]; see [`load_model_for`]).
 pub fn load_model(
     path: &Path,
     progress: &mut dyn FnMut(LoadStage),
 ) -> Result<(ModelSpec, LlamaModel, Tokenizer), KvqError> {
-    load_model_for(path, HalfWeights::Widen, progress)
+    load_model_for(path, HostWeights::F32, progress)
 }
 
-/// [`load_model`] with a choice of how 16-bit float matrices are held (GGUF files keep their
-/// quantized blocks either way).
+/// [`load_model`] with a choice of how an HF checkpoint's f16/bf16 matrices are held (GGUF
+/// files keep their quantized blocks, and widen 16-bit tensors, either way).
 pub fn load_model_for(
     path: &Path,
-    half: HalfWeights,
+    host: HostWeights,
     progress: &mut dyn FnMut(LoadStage),
 ) -> Result<(ModelSpec, LlamaModel, Tokenizer), KvqError> {
     let origin = path.display().to_string();
@@ -101,7 +91,7 @@ pub fn load_model_for(
         });
     }
     if path.is_dir() {
-        return load_hf_dir(path, half, progress);
+        return load_hf_dir(path, host, progress);
     }
     progress(LoadStage::ReadingHeader);
     let tensors = GgufTensors::open(path)?;
@@ -132,7 +122,7 @@ fn check_architecture(spec: &ModelSpec, origin: &str) -> Result<(), KvqError> {
 /// `tokenizer.json` (with `tokenizer_config.json` for BOS/EOS and the chat template).
 fn load_hf_dir(
     dir: &Path,
-    half: HalfWeights,
+    host: HostWeights,
     progress: &mut dyn FnMut(LoadStage),
 ) -> Result<(ModelSpec, LlamaModel, Tokenizer), KvqError> {
     for (file, what) in [
@@ -153,7 +143,7 @@ fn load_hf_dir(
     let spec = ModelSpec::from_path(dir)?;
     check_architecture(&spec, &dir.join("config.json").display().to_string())?;
     let mut weights = SafetensorsWeights::open_dir(dir)?;
-    if half == HalfWeights::Keep {
+    if host == HostWeights::Half {
         weights = weights.keeping_16bit();
     }
     progress(LoadStage::LoadingWeights);
@@ -191,12 +181,8 @@ impl Engine {
             // Refuse a bad combination from the metadata alone, before loading any weights.
             ResolvedConfig::new(&ModelSpec::from_path(path)?, config)?;
         }
-        // The GPU uploads f16 copies of the weights: the host keeps 16-bit ones as they are.
-        let half = match config.device()? {
-            DeviceChoice::Cuda(_) => HalfWeights::Keep,
-            DeviceChoice::Auto | DeviceChoice::Cpu => HalfWeights::Widen,
-        };
-        let (spec, model, tokenizer) = load_model_for(path, half, progress)?;
+        let host = HostWeights::for_device(config.device()?);
+        let (spec, model, tokenizer) = load_model_for(path, host, progress)?;
         progress(LoadStage::AllocatingCache);
         let engine = Self::from_model(config, spec, model, tokenizer)?;
         progress(LoadStage::Ready);

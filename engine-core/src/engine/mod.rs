@@ -19,7 +19,7 @@ pub use handle::{
     RequestStream,
 };
 pub use load::{
-    available_memory_bytes, load_model, load_model_for, plan_cache, Engine, HalfWeights, LoadStage,
+    available_memory_bytes, load_model, load_model_for, plan_cache, Engine, LoadStage,
     SpeculationStats, DEFAULT_MAX_PREFILL_TOKENS,
 };
 pub use ngram::{propose as propose_ngram_draft, MAX_NGRAM, MIN_NGRAM};

@@ -11,7 +11,7 @@ use ::safetensors::Dtype;
 
 use super::safetensors::expected_shape;
 use super::{
-    hf_tensor_name, load_gguf_llama, load_llama, LlamaModel, LlamaTensor, LogitsFor,
+    hf_tensor_name, load_gguf_llama, load_llama, HostWeights, LlamaModel, LlamaTensor, LogitsFor,
     SafetensorsWeights, SeqInput, WeightSource, SAFETENSORS_INDEX,
 };
 use crate::backend::{AttentionBackend, Capabilities};
@@ -19,7 +19,7 @@ use crate::cache::{BlockPool, BlockTable, CacheLayout, PagedKvCache, RecentWindo
 use crate::codec::{float_codec, KvCodec};
 use crate::config::EngineConfig;
 use crate::dtype::KvDtype;
-use crate::engine::{load_model, load_model_for, HalfWeights, LoadStage};
+use crate::engine::{load_model, load_model_for, LoadStage};
 use crate::error::{ConfigError, KvqError};
 use crate::loader::{GgmlType, Tokenizer};
 use crate::model_spec::ModelSpec;
@@ -646,7 +646,7 @@ fn load_model_reads_an_hf_directory() {
     // An F16 checkpoint for a GPU runner: its matrices stay 16-bit; the same model.
     write_safetensors(&dir.join("model.safetensors"), &entries, Dtype::F16);
     let load = |half| load_model_for(dir.path(), half, &mut |_| {}).unwrap().1;
-    let (widened, kept) = (load(HalfWeights::Widen), load(HalfWeights::Keep));
+    let (widened, kept) = (load(HostWeights::F32), load(HostWeights::Half));
     assert_eq!(widened.layers()[0].wq.ggml_type(), GgmlType::F32);
     assert_eq!(kept.layers()[0].wq.ggml_type(), GgmlType::F16);
     assert_eq!(kept.lm_head().to_f32(), widened.lm_head().to_f32());

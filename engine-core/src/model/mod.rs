@@ -16,10 +16,12 @@ mod window_tests;
 pub use self::safetensors::{hf_tensor_name, SafetensorsWeights, SAFETENSORS_INDEX};
 pub use llama::{check_logit_rows, lock_windows, LlamaLayer, LlamaModel, LogitsFor, SeqInput};
 pub use random::{
-    check_fits_in_memory, f32_weight_bytes, layers_from, model_shape, parameter_count,
-    random_llama, MODEL_SHAPES,
+    check_fits_in_memory, layers_from, model_shape, parameter_count, random_llama,
+    random_llama_for, weight_bytes, MODEL_SHAPES,
 };
 pub use runner::{
     device_runner_factory, DeviceRunner, DeviceRunnerRegistration, DeviceRunnerRequest, ForwardPass,
 };
-pub use weights::{load_gguf_llama, load_llama, unpermute_rows, LlamaTensor, WeightSource};
+pub use weights::{
+    load_gguf_llama, load_llama, unpermute_rows, HostWeights, LlamaTensor, WeightSource,
+};

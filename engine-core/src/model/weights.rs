@@ -11,6 +11,35 @@ use crate::model_spec::ModelSpec;
 use crate::ops::linear::quant::QuantFormat;
 use crate::ops::linear::Linear;
 
+/// The precision the host keeps a model's matrices in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostWeights {
+    /// f32 (quantized GGUF blocks stay blocks): the CPU's matmuls run on f32.
+    F32,
+    /// 16 bits: an HF checkpoint's f16/bf16 matrices as stored, a random model's in f16. For a
+    /// GPU runner, which reads each weight once at upload (its f16 copy), so an 8B model takes
+    /// 16 GB of host memory instead of 32 (and a 70B one fits a host with 256 GB).
+    Half,
+}
+
+impl HostWeights {
+    /// What a model run on `device` needs: 16 bits for a GPU, f32 for the CPU.
+    pub fn for_device(device: crate::config::DeviceChoice) -> Self {
+        match device {
+            crate::config::DeviceChoice::Cuda(_) => Self::Half,
+            crate::config::DeviceChoice::Auto | crate::config::DeviceChoice::Cpu => Self::F32,
+        }
+    }
+
+    /// Host bytes per weight of an f32 or f16 matrix.
+    pub fn bytes_per_weight(self) -> u64 {
+        match self {
+            Self::F32 => 4,
+            Self::Half => 2,
+        }
+    }
+}
+
 /// Logical Llama tensors, independent of a file format's naming.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LlamaTensor {

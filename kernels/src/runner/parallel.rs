@@ -26,6 +26,42 @@ pub struct TpLlama {
     group: TpGroup,
 }
 
+/// Refuses, before any upload, a split whose f16 weights would not fit the GPUs: each GPU's
+/// free memory must hold the weights of the ranks placed on it (a model larger than one GPU
+/// then says which `tp` it needs, instead of failing an allocation halfway).
+fn check_weights_fit(
+    spec: &ModelSpec,
+    ordinals: &[usize],
+    shards: &[Shard],
+    gpus: &[std::sync::Arc<GpuContext>],
+) -> Result<(), KernelError> {
+    const GIB: f64 = (1u64 << 30) as f64;
+    for (i, gpu) in gpus.iter().enumerate() {
+        let o = ordinals[i];
+        if ordinals[..i].contains(&o) {
+            continue; // counted with the first rank on this GPU
+        }
+        let mut need = 0;
+        for (s, _) in shards.iter().zip(ordinals).filter(|(_, &on)| on == o) {
+            need += LayerSplit::new(spec, *s)?.f16_weight_bytes(spec);
+        }
+        let (free, _total) = gpu
+            .context()
+            .mem_get_info()
+            .map_err(|e| KernelError::driver("querying free memory", e))?;
+        if need > free as u64 {
+            return Err(KernelError::InvalidArgument(format!(
+                "the model's f16 weights need {:.1} GiB on GPU {o} (tp = {}), which has {:.1} \
+                 GiB free; split it over more GPUs (a larger tp)",
+                need as f64 / GIB,
+                ordinals.len(),
+                free as f64 / GIB
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl TpLlama {
     /// Uploads rank r of `ordinals.len()` to GPU `ordinals[r]`, after checking that the
     /// group divides the model's heads and MLP and that the GPUs exist.
@@ -48,11 +84,16 @@ impl TpLlama {
                 });
             }
         }
+        let gpus = ordinals
+            .iter()
+            .map(|&o| GpuContext::new(o))
+            .collect::<Result<Vec<_>, KernelError>>()?;
+        check_weights_fit(&model.spec, ordinals, &shards, &gpus)?;
         let embeddings = HostMatrix::from_linear(model.embeddings());
-        let ranks = ordinals
+        let ranks = gpus
             .iter()
             .zip(shards)
-            .map(|(&o, s)| GpuLlama::upload_shard(&GpuContext::new(o)?, model, s, &embeddings))
+            .map(|(gpu, s)| GpuLlama::upload_shard(gpu, model, s, &embeddings))
             .collect::<Result<Vec<_>, KernelError>>()?;
         let group = TpGroup::new(ranks.iter().map(|r| r.gpu().stream().clone()).collect())?;
         Ok(Self {

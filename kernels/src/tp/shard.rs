@@ -177,6 +177,22 @@ impl LayerSplit {
         )))
     }
 
+    /// Bytes of the f16 weights this rank uploads for `spec`: its share of every layer's
+    /// matrices, the whole embedding table, and on rank 0 an untied output head (norms and
+    /// RoPE tables are not counted: they are a few MB).
+    pub fn f16_weight_bytes(&self, spec: &ModelSpec) -> u64 {
+        let h = spec.hidden_size as u64;
+        let qkv = (self.q_rows().len() + self.k_rows().len() + self.v_rows().len()) as u64;
+        let per_layer = qkv * h + h * self.o_cols().len() as u64 + 3 * self.ff.len() as u64 * h;
+        let table = spec.vocab_size as u64 * h;
+        let head = if self.shard.rank() == 0 && !spec.tie_word_embeddings {
+            table
+        } else {
+            0
+        };
+        2 * (per_layer * spec.num_layers as u64 + table + head)
+    }
+
     /// Rows of `wq` (and columns of the attention output the rank computes): its query heads.
     pub fn q_rows(&self) -> Range<usize> {
         scale(&self.heads, self.head_dim_k)

@@ -9,7 +9,7 @@ use engine_core::ops::linear::Linear;
 use engine_core::testing::{fresh_seed, gaussian, rng};
 use engine_core::ModelSpec;
 
-use super::shard::{shard_layer, HostMatrix, LayerShard, Shard};
+use super::shard::{shard_layer, HostMatrix, LayerShard, LayerSplit, Shard};
 
 /// A small GQA shape every tested group size divides (8 heads over 4 KV heads; the V head
 /// dim differs from the K one so the two cannot be confused).
@@ -401,4 +401,32 @@ fn bad_ranks_and_shapes_are_refused() {
         e.contains("wk is [3, 64], the model spec makes it [64, 64]"),
         "{e}"
     );
+}
+
+/// A rank's f16 bytes: at tp = 1 every parameter but the norms, and over tp ranks the layers
+/// split exactly while every rank holds the embedding and rank 0 the head.
+#[test]
+fn rank_weight_bytes_split_the_layers_and_replicate_the_tables() {
+    let spec = ModelSpec {
+        tie_word_embeddings: false,
+        ..spec()
+    };
+    let norms = (2 * spec.num_layers + 1) * spec.hidden_size;
+    let whole = LayerSplit::new(&spec, Shard::new(0, 1).unwrap()).unwrap();
+    let all = engine_core::model::parameter_count(&spec) - norms as u64;
+    assert_eq!(whole.f16_weight_bytes(&spec), 2 * all);
+    let table = 2 * (spec.vocab_size * spec.hidden_size) as u64;
+    for n in [2, 4] {
+        let bytes: Vec<u64> = Shard::all(n)
+            .unwrap()
+            .into_iter()
+            .map(|s| LayerSplit::new(&spec, s).unwrap().f16_weight_bytes(&spec))
+            .collect();
+        let layers = 2 * all - 2 * table;
+        assert_eq!(bytes[0], layers / n as u64 + 2 * table, "tp {n}");
+        assert!(
+            bytes[1..].iter().all(|&b| b == layers / n as u64 + table),
+            "tp {n}"
+        );
+    }
 }

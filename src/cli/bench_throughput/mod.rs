@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use kvq::engine::{available_memory_bytes, Engine, EngineEvent, EngineHandle, EngineInfo, Request};
 use kvq::loader::Tokenizer;
-use kvq::model::{check_fits_in_memory, model_shape, random_llama};
+use kvq::model::{check_fits_in_memory, model_shape, random_llama_for, HostWeights};
 use kvq::plan::ResolvedConfig;
 use kvq::sampling::SamplingParams;
 use kvq::{EngineConfig, KvqError, ModelSpec};
@@ -69,9 +69,9 @@ pub struct ThroughputBenchArgs {
     /// CPU threads (default: RAYON_NUM_THREADS, else every core).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Instead of --model, a model of this shape ("llama3-8b", "smollm2-135m") with seeded
-    /// random f32 weights (needs --random-weights); refused when the weights would not fit
-    /// in memory.
+    /// Instead of --model, a model of this shape ("llama3-8b", "llama3-70b", "smollm2-135m")
+    /// with seeded random weights, f32 for the CPU and f16 for a GPU (needs --random-weights);
+    /// refused when the weights would not fit in memory.
     #[arg(long = "model-shape", requires = "random_weights")]
     pub model_shape: Option<String>,
     /// Random weights (seeded by --seed) of --model-shape.
@@ -90,8 +90,9 @@ fn build_engine(cfg: &EngineConfig, a: &ThroughputBenchArgs) -> Result<Engine, K
         return Engine::load(cfg, &mut |_| {});
     };
     let spec = model_shape(shape)?;
-    check_fits_in_memory(&spec, available_memory_bytes())?;
-    let model = random_llama(&spec, a.seed)?;
+    let host = HostWeights::for_device(cfg.device()?);
+    check_fits_in_memory(&spec, available_memory_bytes(), host)?;
+    let model = random_llama_for(&spec, a.seed, host)?;
     let tokenizer = Tokenizer::synthetic(spec.vocab_size)?;
     Engine::from_model(cfg, spec, model, tokenizer)
 }
@@ -151,11 +152,12 @@ pub fn run(a: ThroughputBenchArgs) -> Result<(), KvqError> {
             )));
         }
     }
+    let mut base = a.engine.load()?;
     if let Some(shape) = &a.model_shape {
         // Refuse before any configuration is built.
-        check_fits_in_memory(&model_shape(shape)?, available_memory_bytes())?;
+        let host = HostWeights::for_device(base.device()?);
+        check_fits_in_memory(&model_shape(shape)?, available_memory_bytes(), host)?;
     }
-    let mut base = a.engine.load()?;
     if a.engine.session_len.is_none() {
         base.engine.session_len = base.engine.session_len.min(DEFAULT_SESSION_LEN);
     }
