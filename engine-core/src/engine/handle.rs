@@ -149,12 +149,13 @@ impl Shared {
     }
 }
 
-/// Marks the engine stopped when the thread ends, however it ends.
+/// Marks the engine stopped when the thread ends, however it ends (after the engine, and
+/// with it its host and device memory, is dropped).
 struct AliveGuard(Arc<Shared>);
 
 impl Drop for AliveGuard {
     fn drop(&mut self) {
-        self.0.alive.store(false, Ordering::Relaxed);
+        self.0.alive.store(false, Ordering::Release);
     }
 }
 
@@ -198,6 +199,23 @@ impl EngineHandle {
 
     pub fn info(&self) -> &EngineInfo {
         &self.shared.info
+    }
+
+    /// Drops this handle and waits, up to `timeout`, for the engine thread to end: it ends
+    /// once every other handle and stream is gone too, after dropping the engine, so its host
+    /// and device memory are free for the next one (a benchmark that builds engines one after
+    /// another). Returns whether it ended in time.
+    pub fn shutdown(self, timeout: std::time::Duration) -> bool {
+        let shared = self.shared.clone();
+        drop(self);
+        let start = std::time::Instant::now();
+        while shared.alive.load(Ordering::Acquire) {
+            if start.elapsed() >= timeout {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        true
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -324,8 +342,14 @@ impl Drop for RequestStream {
 
 /// The engine thread: applies commands between steps, steps while there is work, and routes
 /// each event to its request's stream. A stream whose receiver is gone is cancelled.
-fn run(mut engine: Engine, commands: Receiver<Command>, shared: Arc<Shared>) {
+fn run(engine: Engine, commands: Receiver<Command>, shared: Arc<Shared>) {
     let _alive = AliveGuard(shared.clone());
+    // The engine is dropped when `serve` returns, before the guard marks the thread ended.
+    serve(engine, commands, &shared);
+}
+
+/// [`run`]'s loop, until no handle and no stream is left.
+fn serve(mut engine: Engine, commands: Receiver<Command>, shared: &Shared) {
     let mut streams: HashMap<usize, tokio_mpsc::UnboundedSender<EventResult>> = HashMap::new();
     let mut events = Vec::new();
     let mut gone = Vec::new();

@@ -381,6 +381,26 @@ fn dropping_a_stream_cancels_its_request_and_frees_its_blocks() {
     assert_eq!(out.completion_tokens, 4);
 }
 
+/// `shutdown` waits for the engine thread only once no other handle is left, and then it
+/// ends (the engine dropped with it).
+#[test]
+fn shutdown_waits_for_the_last_handle() {
+    use std::time::Duration;
+    let h = EngineHandle::spawn(tiny_engine(12, 16, 8)).unwrap();
+    let other = h.clone();
+    assert!(
+        !h.shutdown(Duration::from_millis(30)),
+        "another handle keeps it"
+    );
+    let out = futures::executor::block_on(async {
+        other.submit(request(1, 5, 3)).await.unwrap().output().await
+    })
+    .unwrap();
+    assert_eq!(out.completion_tokens, 3);
+    assert!(other.stats().alive);
+    assert!(other.shutdown(Duration::from_secs(20)));
+}
+
 #[test]
 fn invalid_requests_are_refused_at_submit() {
     let h = EngineHandle::spawn(tiny_engine(4, 16, 8)).unwrap();

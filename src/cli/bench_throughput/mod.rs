@@ -275,7 +275,7 @@ fn run_config(engine: Engine, jobs: &[Job], a: &ThroughputBenchArgs) -> Result<R
             path: "tokio runtime".into(),
             source,
         })?;
-    runtime.block_on(async {
+    let row = runtime.block_on(async {
         let warm = Job {
             prompt: jobs[0].prompt.iter().take(8).copied().collect(),
             output_len: 2,
@@ -303,8 +303,16 @@ fn run_config(engine: Engine, jobs: &[Job], a: &ThroughputBenchArgs) -> Result<R
             after,
             peak.get(),
         ))
-    })
+    });
+    // The next configuration's engine needs this one's memory (a 70B model's weights).
+    if !handle.shutdown(ENGINE_STOP_TIMEOUT) {
+        eprintln!("warning: the engine thread did not stop within {ENGINE_STOP_TIMEOUT:?}");
+    }
+    row
 }
+
+/// How long a finished configuration's engine may take to stop and free its memory.
+const ENGINE_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Submits one request and records when each of its tokens arrived.
 async fn run_one(
