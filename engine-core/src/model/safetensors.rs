@@ -309,7 +309,6 @@ const CONVERT_CHUNK: usize = 1 << 16;
 
 /// Little-endian `bytes` of `dtype` as f32; `None` for a dtype other than F32, F16 or BF16.
 fn convert(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    const CHUNK: usize = CONVERT_CHUNK;
     let (size, one): (usize, fn(&[u8]) -> f32) = match dtype {
         Dtype::F32 => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
         Dtype::F16 => (2, |b| {
@@ -321,8 +320,8 @@ fn convert(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
         _ => return None,
     };
     let mut out = vec![0f32; bytes.len() / size];
-    out.par_chunks_mut(CHUNK)
-        .zip(bytes.par_chunks(CHUNK * size))
+    out.par_chunks_mut(CONVERT_CHUNK)
+        .zip(bytes.par_chunks(CONVERT_CHUNK * size))
         .for_each(|(dst, src)| {
             for (d, s) in dst.iter_mut().zip(src.chunks_exact(size)) {
                 *d = one(s);

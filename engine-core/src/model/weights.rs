@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use super::llama::{LlamaLayer, LlamaModel};
+use crate::config::DeviceChoice;
 use crate::error::KvqError;
 use crate::loader::GgufTensors;
 use crate::model_spec::ModelSpec;
@@ -24,10 +25,10 @@ pub enum HostWeights {
 
 impl HostWeights {
     /// What a model run on `device` needs: 16 bits for a GPU, f32 for the CPU.
-    pub fn for_device(device: crate::config::DeviceChoice) -> Self {
+    pub fn for_device(device: DeviceChoice) -> Self {
         match device {
-            crate::config::DeviceChoice::Cuda(_) => Self::Half,
-            crate::config::DeviceChoice::Auto | crate::config::DeviceChoice::Cpu => Self::F32,
+            DeviceChoice::Cuda(_) => Self::Half,
+            DeviceChoice::Auto | DeviceChoice::Cpu => Self::F32,
         }
     }
 

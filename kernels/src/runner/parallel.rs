@@ -4,6 +4,9 @@
 //! outputs between phases. With `tp = 1` it is one rank and no communicator: the engine's GPU
 //! path is this type either way.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use cudarc::driver::CudaContext;
 use engine_core::cache::{CacheLayout, PagedKvCache};
 use engine_core::codec::KvCodec;
@@ -33,18 +36,15 @@ fn check_weights_fit(
     spec: &ModelSpec,
     ordinals: &[usize],
     shards: &[Shard],
-    gpus: &[std::sync::Arc<GpuContext>],
+    gpus: &[Arc<GpuContext>],
 ) -> Result<(), KernelError> {
     const GIB: f64 = (1u64 << 30) as f64;
-    for (i, gpu) in gpus.iter().enumerate() {
-        let o = ordinals[i];
-        if ordinals[..i].contains(&o) {
-            continue; // counted with the first rank on this GPU
-        }
-        let mut need = 0;
-        for (s, _) in shards.iter().zip(ordinals).filter(|(_, &on)| on == o) {
-            need += LayerSplit::new(spec, *s)?.f16_weight_bytes(spec);
-        }
+    // Per GPU: the bytes of the ranks placed on it, and one of their contexts.
+    let mut per_gpu: BTreeMap<usize, (u64, &Arc<GpuContext>)> = BTreeMap::new();
+    for ((&o, s), gpu) in ordinals.iter().zip(shards).zip(gpus) {
+        per_gpu.entry(o).or_insert((0, gpu)).0 += LayerSplit::new(spec, *s)?.f16_weight_bytes(spec);
+    }
+    for (o, (need, gpu)) in per_gpu {
         let (free, _total) = gpu
             .context()
             .mem_get_info()
