@@ -481,45 +481,53 @@ mod tests {
         }
     }
 
-    /// `[cache]` sides (K and V the same side, int8/int4 rotated) against the fp16 cache, on
-    /// the fixed seeds and one fresh seed: (side, bound on the worst cosine, on the mean).
+    /// `[cache]` sides (K and V the same side, int8/int4 rotated) against the fp16 cache:
+    /// (side, bound on the worst cosine over the fixed seeds, on the worst cosine of one fresh
+    /// seed, on the mean).
+    ///
+    /// The fresh-seed bound on the worst (row, head) cosine is looser because that statistic
+    /// has a long tail: over 300 seeds the lowest single-seed worst cosine was 0.976 (int4),
+    /// 0.929 (tq3s), 0.951 (lm4), 0.882 (lm3), 0.692 (lm2) and 0.515 (tqprod3, whose 1-bit
+    /// residual is unbiased but noisy) at D = 64, while the worst per-seed mean stayed above
+    /// its bound (0.990, 0.984, 0.988, 0.959, 0.863, 0.810).
     #[test]
     fn cache_sides_attention_cosine_against_fp16_cache() {
         use engine_core::config::{CacheSection, SideKind};
         let bounds = [
-            (SideKind::Int8, 0.999, 0.999),
-            (SideKind::Int4, 0.97, 0.985),
-            (SideKind::Tq3s, 0.90, 0.95),
-            (SideKind::Lm4, 0.95, 0.98),
-            (SideKind::Lm3, 0.85, 0.94),
-            (SideKind::Lm2, 0.65, 0.85),
-            (SideKind::Tqprod3, 0.50, 0.75),
+            (SideKind::Int8, 0.999, 0.999, 0.999),
+            (SideKind::Int4, 0.97, 0.95, 0.985),
+            (SideKind::Tq3s, 0.90, 0.85, 0.95),
+            (SideKind::Lm4, 0.95, 0.92, 0.98),
+            (SideKind::Lm3, 0.85, 0.80, 0.94),
+            (SideKind::Lm2, 0.65, 0.55, 0.84),
+            (SideKind::Tqprod3, 0.50, 0.30, 0.75),
         ];
         for d in [64, 128] {
-            for &(kind, min_bound, mean_bound) in &bounds {
+            for &(kind, fixed_min, fresh_min, mean_bound) in &bounds {
                 let choice = CodecChoice::Sides(CacheSection {
                     k: kind,
                     v: kind,
                     rotate: true,
                     edge: None,
                 });
-                let mut seeds = vec![1, 2, 3, 4, 5, 6];
-                seeds.push(fresh_seed(&format!("cosine {} D={d}", choice.name())));
-                let (lo, mean) = cosines_vs_fp16(&choice, d, &seeds);
-                eprintln!(
-                    "cosine vs fp16: {} D={d}: min {lo:.5} mean {mean:.5}",
-                    choice.name()
-                );
-                assert!(
-                    lo >= min_bound,
-                    "{} D={d}: min cosine {lo} < {min_bound}",
-                    choice.name()
-                );
-                assert!(
-                    mean >= mean_bound,
-                    "{} D={d}: mean cosine {mean} < {mean_bound}",
-                    choice.name()
-                );
+                let name = choice.name();
+                let fresh = fresh_seed(&format!("cosine {name} D={d}"));
+                for (seeds, min_bound) in
+                    [(&[1, 2, 3, 4, 5, 6][..], fixed_min), (&[fresh], fresh_min)]
+                {
+                    let (lo, mean) = cosines_vs_fp16(&choice, d, seeds);
+                    eprintln!(
+                        "cosine vs fp16: {name} D={d} seeds {seeds:?}: min {lo:.5} mean {mean:.5}"
+                    );
+                    assert!(
+                        lo >= min_bound,
+                        "{name} D={d}: min cosine {lo} < {min_bound}"
+                    );
+                    assert!(
+                        mean >= mean_bound,
+                        "{name} D={d}: mean cosine {mean} < {mean_bound}"
+                    );
+                }
             }
         }
     }
