@@ -1,5 +1,6 @@
-//! Token sampling: greedy, temperature, top-k, top-p (nucleus) and repetition penalty, with
-//! a seed so runs repeat exactly.
+//! Token sampling: greedy, temperature, top-k, top-p (nucleus), repetition, presence and
+//! frequency penalties, with a seed so runs repeat exactly; and the log-probabilities of the
+//! chosen token and its top alternatives.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -18,12 +19,24 @@ pub struct SamplingParams {
     /// Above 1 discourages tokens already in the context (CTRL-style: logits divided or
     /// multiplied by it); 1 disables.
     pub repetition_penalty: f32,
+    /// OpenAI's presence penalty: subtracted once from the logit of every token already
+    /// generated (the prompt does not count, as in vLLM); 0 disables; -2 to 2.
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty: subtracted from a generated token's logit once per time it
+    /// was generated; 0 disables; -2 to 2.
+    pub frequency_penalty: f32,
+    /// Report the log-probability of each generated token and of this many most likely
+    /// alternatives (0 to [`MAX_TOP_LOGPROBS`]); `None`: no log-probabilities.
+    pub logprobs: Option<usize>,
     pub max_new_tokens: usize,
     pub seed: u64,
     /// Keep generating past the model's end-of-sequence token (until `max_new_tokens` or the
     /// session length; the request's own stop ids still stop it), for benchmarks.
     pub ignore_eos: bool,
 }
+
+/// The most alternatives a request may ask log-probabilities for (OpenAI's `top_logprobs`).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -32,6 +45,9 @@ impl Default for SamplingParams {
             top_k: 0,
             top_p: 1.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logprobs: None,
             max_new_tokens: 128,
             seed: 0,
             ignore_eos: false,
@@ -52,6 +68,19 @@ impl SamplingParams {
             return Err(format!(
                 "repetition_penalty must be > 0, got {}",
                 self.repetition_penalty
+            ));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(format!("{name} must be in [-2, 2], got {v}"));
+            }
+        }
+        if let Some(n) = self.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+            return Err(format!(
+                "at most {MAX_TOP_LOGPROBS} top log-probabilities per token, asked for {n}"
             ));
         }
         Ok(())
@@ -76,15 +105,28 @@ impl Sampler {
     }
 
     /// Whether [`Sampler::sample`] is plain [`argmax`] of the logits (temperature 0, no
-    /// repetition penalty), which a device can compute where the logits are.
+    /// penalty) and no log-probabilities are wanted, so a device can pick the token where the
+    /// logits are and send back only its id.
     pub fn is_plain_greedy(&self) -> bool {
-        self.params.temperature == 0.0 && self.params.repetition_penalty == 1.0
+        let p = &self.params;
+        p.temperature == 0.0
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+            && p.logprobs.is_none()
     }
 
-    /// Picks the next token from `logits` given the tokens seen so far.
-    pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> u32 {
+    /// Picks the next token from `logits` given the sequence so far (`tokens`, of which the
+    /// first `prompt_len` are the prompt).
+    pub fn sample(&mut self, logits: &[f32], tokens: &[u32], prompt_len: usize) -> u32 {
         let mut logits = logits.to_vec();
-        apply_repetition_penalty(&mut logits, context, self.params.repetition_penalty);
+        apply_repetition_penalty(&mut logits, tokens, self.params.repetition_penalty);
+        apply_presence_frequency_penalties(
+            &mut logits,
+            tokens.get(prompt_len..).unwrap_or_default(),
+            self.params.presence_penalty,
+            self.params.frequency_penalty,
+        );
         if self.params.temperature == 0.0 {
             return argmax(&logits);
         }
@@ -155,6 +197,77 @@ pub fn apply_repetition_penalty(logits: &mut [f32], context: &[u32], penalty: f3
     }
 }
 
+/// OpenAI's presence and frequency penalties over the generated tokens: a token's logit loses
+/// `presence` if it was generated at all and `frequency` per time it was.
+pub fn apply_presence_frequency_penalties(
+    logits: &mut [f32],
+    generated: &[u32],
+    presence: f32,
+    frequency: f32,
+) {
+    if presence == 0.0 && frequency == 0.0 {
+        return;
+    }
+    let mut counts = std::collections::HashMap::<u32, u32>::new();
+    for &t in generated {
+        *counts.entry(t).or_default() += 1;
+    }
+    for (t, n) in counts {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l -= presence + frequency * n as f32;
+        }
+    }
+}
+
+/// The log-probability of a chosen token and of the most likely tokens at its position.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    /// The `n` most likely tokens and their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprobs {
+    /// Log-probabilities under the model's own distribution (log-softmax of the raw logits,
+    /// before penalties, temperature and truncation, as OpenAI and vLLM report them), so they
+    /// do not change with the sampling settings. A NaN logit counts as impossible.
+    pub fn from_logits(logits: &[f32], token: u32, n: usize) -> Self {
+        let clean = |l: f32| if l.is_nan() { f32::NEG_INFINITY } else { l };
+        let max = logits
+            .iter()
+            .map(|&l| clean(l))
+            .fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits
+            .iter()
+            .map(|&l| f64::from(clean(l) - max).exp())
+            .sum();
+        let log_z = max + sum.ln() as f32;
+        let logprob = |t: u32| {
+            logits
+                .get(t as usize)
+                .map_or(f32::NEG_INFINITY, |&l| clean(l) - log_z)
+        };
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        let n = n.min(order.len());
+        let by_logit = |a: &u32, b: &u32| {
+            clean(logits[*b as usize])
+                .total_cmp(&clean(logits[*a as usize]))
+                .then(a.cmp(b))
+        };
+        if n > 0 && n < order.len() {
+            order.select_nth_unstable_by(n - 1, by_logit);
+        }
+        order.truncate(n);
+        order.sort_unstable_by(by_logit);
+        Self {
+            token,
+            logprob: logprob(token),
+            top: order.into_iter().map(|t| (t, logprob(t))).collect(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,14 +285,14 @@ mod tests {
     #[test]
     fn greedy_takes_the_argmax() {
         let mut s = Sampler::new(SamplingParams::default());
-        assert_eq!(s.sample(&[0.1, 3.0, f32::NAN, 2.9], &[]), 1);
+        assert_eq!(s.sample(&[0.1, 3.0, f32::NAN, 2.9], &[], 0), 1);
     }
 
     #[test]
     fn top_k_one_is_greedy_at_any_temperature() {
         let mut s = Sampler::new(params(5.0, 1, 1.0, 7));
         for _ in 0..50 {
-            assert_eq!(s.sample(&[0.0, 1.0, 0.5], &[]), 1);
+            assert_eq!(s.sample(&[0.0, 1.0, 0.5], &[], 0), 1);
         }
     }
 
@@ -188,7 +301,7 @@ mod tests {
         // p(0) ≈ 0.84 after softmax; top_p 0.5 keeps only token 0.
         let mut s = Sampler::new(params(1.0, 0, 0.5, 3));
         for _ in 0..50 {
-            assert_eq!(s.sample(&[2.0, 0.0, -1.0], &[]), 0);
+            assert_eq!(s.sample(&[2.0, 0.0, -1.0], &[], 0), 0);
         }
     }
 
@@ -198,7 +311,7 @@ mod tests {
         let draw = |seed| {
             let mut s = Sampler::new(params(1.0, 0, 1.0, seed));
             (0..4000)
-                .map(|_| s.sample(&logits, &[]))
+                .map(|_| s.sample(&logits, &[], 0))
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(11), draw(11));
@@ -215,7 +328,64 @@ mod tests {
             repetition_penalty: 2.0,
             ..Default::default()
         });
-        assert_eq!(s.sample(&[2.0, 1.9], &[0]), 1);
+        assert_eq!(s.sample(&[2.0, 1.9], &[0], 1), 1);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_generated_tokens_only() {
+        let mut l = vec![1.0, 1.0, 1.0, 1.0];
+        apply_presence_frequency_penalties(&mut l, &[1, 2, 2], 0.5, 0.25);
+        assert_eq!(l, vec![1.0, 0.25, 0.0, 1.0]);
+        // Token 0 is only in the prompt: a presence penalty leaves it alone; token 1 was
+        // generated and falls behind token 2.
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 2.0,
+            ..Default::default()
+        });
+        assert!(!s.is_plain_greedy());
+        assert_eq!(s.sample(&[3.0, 2.5, 1.0], &[0, 1], 1), 0);
+        assert_eq!(s.sample(&[2.0, 2.5, 1.0], &[0, 1], 1), 0);
+        assert_eq!(s.sample(&[0.0, 2.5, 1.0], &[0, 1], 1), 2);
+        // Negative values encourage repeats.
+        let mut s = Sampler::new(SamplingParams {
+            frequency_penalty: -1.0,
+            ..Default::default()
+        });
+        assert_eq!(s.sample(&[1.0, 0.5], &[1], 0), 1);
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_of_the_raw_logits() {
+        let logits = [1.0f32, 3.0, f32::NAN, 2.0, 3.0];
+        let lp = TokenLogprobs::from_logits(&logits, 3, 3);
+        let z: f64 = [1.0f64, 3.0, 2.0, 3.0].iter().map(|l| l.exp()).sum();
+        let want = |l: f64| (l - z.ln()) as f32;
+        assert!((lp.logprob - want(2.0)).abs() < 1e-6, "{lp:?}");
+        // Most likely first, ties by id; the NaN entry never appears.
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![1, 4, 3]);
+        for &(t, p) in &lp.top {
+            assert!((p - want(f64::from(logits[t as usize]))).abs() < 1e-6);
+        }
+        let probs: f64 = (0..5)
+            .map(|t| f64::from(TokenLogprobs::from_logits(&logits, t, 0).logprob).exp())
+            .sum();
+        assert!((probs - 1.0).abs() < 1e-6, "{probs}");
+        assert_eq!(TokenLogprobs::from_logits(&logits, 2, 9).top.len(), 5);
+        assert_eq!(
+            TokenLogprobs::from_logits(&logits, 2, 0).logprob,
+            f32::NEG_INFINITY
+        );
+    }
+
+    #[test]
+    fn logprobs_make_greedy_run_on_the_host() {
+        let s = Sampler::new(SamplingParams {
+            logprobs: Some(0),
+            ..Default::default()
+        });
+        assert!(!s.is_plain_greedy());
+        assert!(Sampler::new(SamplingParams::default()).is_plain_greedy());
     }
 
     #[test]
@@ -236,5 +406,20 @@ mod tests {
             .validate()
             .unwrap_err()
             .contains("top_p"));
+        let p = SamplingParams {
+            presence_penalty: 2.5,
+            ..Default::default()
+        };
+        assert!(p.validate().unwrap_err().contains("presence_penalty"));
+        let p = SamplingParams {
+            frequency_penalty: f32::NAN,
+            ..Default::default()
+        };
+        assert!(p.validate().unwrap_err().contains("frequency_penalty"));
+        let p = SamplingParams {
+            logprobs: Some(21),
+            ..Default::default()
+        };
+        assert!(p.validate().unwrap_err().contains("log-probabilities"));
     }
 }

@@ -201,6 +201,20 @@ pub struct SamplingArgs {
     pub top_p: f32,
     #[arg(long = "repetition-penalty", default_value_t = 1.0)]
     pub repetition_penalty: f32,
+    /// Subtracted from the logit of every token already generated (-2 to 2).
+    #[arg(
+        long = "presence-penalty",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
+    pub presence_penalty: f32,
+    /// Subtracted from a generated token's logit once per time it was generated (-2 to 2).
+    #[arg(
+        long = "frequency-penalty",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
+    pub frequency_penalty: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Keep generating past the end-of-sequence token, up to --max-new-tokens.
@@ -215,6 +229,9 @@ impl SamplingArgs {
             top_k: self.top_k,
             top_p: self.top_p,
             repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logprobs: None,
             max_new_tokens: self.max_new_tokens,
             seed: self.seed,
             ignore_eos: self.ignore_eos,

@@ -1,9 +1,10 @@
 //! `POST /v1/completions` and `POST /v1/chat/completions`, whole or streamed as server-sent
 //! events (`data: {chunk}` lines, then `data: [DONE]`). A streamed request lives as long as
 //! its response body: a client that disconnects drops the body, which cancels the request.
+//! `n` choices are `n` engine requests (seeds `seed`, `seed + 1`, …) answered as one.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -13,7 +14,10 @@ use futures::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
 
 use engine_core::chat::apply_chat_template;
-use engine_core::engine::{EngineEvent, EventResult, EventStream, GenerationOutput, Request};
+use engine_core::engine::{
+    AsyncEngine, EngineEvent, EventResult, EventStream, GenerationOutput, Request,
+};
+use engine_core::sampling::TokenLogprobs;
 
 use super::error::{ApiError, ApiJson};
 use super::protocol::{ChatRequest, CompletionRequest, Generation, Prompt};
@@ -28,7 +32,9 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     s.check_model(&req.model)?;
     let prompt = req.prompt()?;
-    let generation = req.sampling.check(COMPLETIONS_DEFAULT_MAX_TOKENS)?;
+    let generation = req
+        .sampling
+        .check(COMPLETIONS_DEFAULT_MAX_TOKENS, req.logprobs()?)?;
     let tok = s.engine.tokenizer();
     let ids = match prompt {
         Prompt::Text(t) => tok.encode(&t, true)?,
@@ -53,13 +59,13 @@ pub async fn chat(
     s.check_model(&req.model)?;
     let messages = req.messages()?;
     // Without a limit a reply may fill the session.
-    let generation = req.sampling.check(usize::MAX)?;
+    let generation = req.sampling.check(usize::MAX, req.logprobs()?)?;
     let tok = s.engine.tokenizer();
     let ids = tok.encode(&apply_chat_template(tok, &messages)?, true)?;
     run(&s, ids, "messages", generation, Kind::Chat).await
 }
 
-/// Submits the prompt and answers whole or as a stream.
+/// Submits one engine request per choice and answers whole or as a stream.
 async fn run(
     s: &AppState,
     prompt: Vec<u32>,
@@ -79,27 +85,35 @@ async fn run(
         )
         .with_code("context_length_exceeded"));
     }
-    let events = s
-        .engine
-        .submit(Request {
-            prompt,
-            params: g.params,
-            stop: g.stop,
-            ..Default::default()
-        })
-        .await?;
+    let mut choices = Vec::with_capacity(g.n);
+    for i in 0..g.n {
+        let mut params = g.params.clone();
+        params.seed = params.seed.wrapping_add(i as u64);
+        // Dropping the streams already submitted (on an error here) cancels them.
+        choices.push(
+            s.engine
+                .submit(Request {
+                    prompt: prompt.clone(),
+                    params,
+                    stop: g.stop.clone(),
+                    ..Default::default()
+                })
+                .await?,
+        );
+    }
     let reply = Reply {
         kind,
         id: format!("{}-{}", kind.id_prefix(), random_id()),
         created: super::unix_time(),
         model: s.model.clone(),
         include_usage: g.include_usage,
+        engine: s.engine.clone(),
     };
     if g.stream {
-        Ok(sse(events, reply).into_response())
+        Ok(sse(choices, reply).into_response())
     } else {
-        let out = output(events).await?;
-        Ok(Json(reply.whole(&out)).into_response())
+        let outs = futures::future::try_join_all(choices.into_iter().map(output)).await?;
+        Ok(Json(reply.whole(&outs)).into_response())
     }
 }
 
@@ -113,19 +127,75 @@ async fn output(mut events: EventStream) -> Result<GenerationOutput, ApiError> {
     Err(ApiError::internal("the request ended without an output"))
 }
 
-/// The response as server-sent events: (chat) a first chunk with the role, a chunk per piece
-/// of text, a last chunk with the finish reason, (if asked) a usage chunk, then `[DONE]`.
-fn sse(events: EventStream, reply: Reply) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+/// The response as server-sent events: (chat) a first chunk per choice with the role, a chunk
+/// per piece of text (per token when log-probabilities are asked for), a last chunk per
+/// choice with its finish reason, (if asked) a usage chunk once every choice has finished,
+/// then `[DONE]`.
+fn sse(
+    choices: Vec<EventStream>,
+    reply: Reply,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let n = choices.len();
     let reply = Arc::new(reply);
-    let head = reply.first_chunk();
-    let r = reply.clone();
-    let body = events.flat_map(move |e| stream::iter(r.chunks(e)));
+    let progress = Arc::new(Mutex::new(StreamProgress {
+        text_offsets: vec![0; n],
+        usage: None,
+    }));
+    let head: Vec<Value> = (0..n).filter_map(|i| reply.first_chunk(i)).collect();
+    let (r, p) = (reply.clone(), progress.clone());
+    let body = stream::select_all(
+        choices
+            .into_iter()
+            .enumerate()
+            .map(|(i, events)| events.map(move |e| (i, e))),
+    )
+    .flat_map(move |(i, e)| stream::iter(r.chunks(i, e, &p)));
+    let usage = stream::once(async move {
+        let usage = progress.lock().map(|p| p.usage).unwrap_or(None);
+        (reply.include_usage)
+            .then(|| usage.map(|u| reply.usage_chunk(u)))
+            .flatten()
+    })
+    .filter_map(|c| async move { c });
     let data = |v: Value| Event::default().data(v.to_string());
-    let all = stream::iter(head.map(data))
-        .chain(body.map(data))
+    let all = stream::iter(head)
+        .chain(body)
+        .chain(usage)
+        .map(data)
         .chain(stream::once(async { Event::default().data("[DONE]") }))
         .map(Ok);
     Sse::new(all).keep_alive(KeepAlive::default())
+}
+
+/// What a stream has seen so far: where each completion choice's text has got to (for
+/// `text_offset`) and the usage of the choices that have finished.
+struct StreamProgress {
+    text_offsets: Vec<usize>,
+    usage: Option<Usage>,
+}
+
+/// Token counts of a response: the prompt once, the completions of every choice summed.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+impl Usage {
+    fn add(self, out: &GenerationOutput) -> Self {
+        Self {
+            prompt_tokens: out.prompt_tokens,
+            completion_tokens: self.completion_tokens + out.completion_tokens,
+        }
+    }
+
+    fn json(self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,41 +213,48 @@ impl Kind {
     }
 }
 
-/// What every chunk of one response repeats.
+/// What every chunk of one response repeats, and the engine whose tokenizer spells tokens.
 struct Reply {
     kind: Kind,
     id: String,
     created: u64,
     model: Arc<str>,
     include_usage: bool,
+    engine: Arc<dyn AsyncEngine>,
 }
 
-impl Reply {
-    fn usage(out: &GenerationOutput) -> Value {
-        json!({
-            "prompt_tokens": out.prompt_tokens,
-            "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens,
-        })
-    }
+/// OpenAI's stand-in for a log-probability of minus infinity (JSON has no infinities).
+const LOGPROB_FLOOR: f32 = -9999.0;
 
+impl Reply {
     /// The non-streamed body.
-    fn whole(&self, out: &GenerationOutput) -> Value {
-        let reason = out.finish_reason.as_str();
-        let choice = match self.kind {
-            Kind::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": out.text},
-                "logprobs": null,
-                "finish_reason": reason,
-            }),
-            Kind::Completion => json!({
-                "index": 0,
-                "text": out.text,
-                "logprobs": null,
-                "finish_reason": reason,
-            }),
-        };
+    fn whole(&self, outs: &[GenerationOutput]) -> Value {
+        let choices: Vec<Value> = outs
+            .iter()
+            .enumerate()
+            .map(|(index, out)| {
+                let reason = out.finish_reason.as_str();
+                let logprobs = out
+                    .logprobs
+                    .as_ref()
+                    .map_or(Value::Null, |lp| self.logprobs(lp, 0));
+                match self.kind {
+                    Kind::Chat => json!({
+                        "index": index,
+                        "message": {"role": "assistant", "content": out.text},
+                        "logprobs": logprobs,
+                        "finish_reason": reason,
+                    }),
+                    Kind::Completion => json!({
+                        "index": index,
+                        "text": out.text,
+                        "logprobs": logprobs,
+                        "finish_reason": reason,
+                    }),
+                }
+            })
+            .collect();
+        let usage = outs.iter().fold(Usage::default(), |u, o| u.add(o));
         json!({
             "id": self.id,
             "object": match self.kind {
@@ -186,8 +263,8 @@ impl Reply {
             },
             "created": self.created,
             "model": &*self.model,
-            "choices": [choice],
-            "usage": Self::usage(out),
+            "choices": choices,
+            "usage": usage.json(),
         })
     }
 
@@ -209,29 +286,41 @@ impl Reply {
         c
     }
 
-    /// One choice of a chunk carrying `text`.
-    fn choice(&self, text: Option<&str>, finish_reason: Option<&str>) -> Value {
+    fn usage_chunk(&self, usage: Usage) -> Value {
+        let mut u = self.chunk(json!([]));
+        u["usage"] = usage.json();
+        u
+    }
+
+    /// Choice `index` of a chunk carrying `text` (and its tokens' log-probabilities).
+    fn choice(
+        &self,
+        index: usize,
+        text: Option<&str>,
+        finish_reason: Option<&str>,
+        logprobs: Value,
+    ) -> Value {
         match self.kind {
             Kind::Chat => json!([{
-                "index": 0,
+                "index": index,
                 "delta": text.map_or(json!({}), |t| json!({"content": t})),
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }]),
             Kind::Completion => json!([{
-                "index": 0,
+                "index": index,
                 "text": text.unwrap_or(""),
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }]),
         }
     }
 
-    /// Chat streams open with the assistant's role.
-    fn first_chunk(&self) -> Option<Value> {
+    /// Chat streams open each choice with the assistant's role.
+    fn first_chunk(&self, index: usize) -> Option<Value> {
         (self.kind == Kind::Chat).then(|| {
             self.chunk(json!([{
-                "index": 0,
+                "index": index,
                 "delta": {"role": "assistant", "content": ""},
                 "logprobs": null,
                 "finish_reason": null,
@@ -239,22 +328,91 @@ impl Reply {
         })
     }
 
-    /// The chunks one engine event becomes.
-    fn chunks(&self, event: EventResult) -> Vec<Value> {
+    /// The chunks one engine event of choice `index` becomes.
+    fn chunks(
+        &self,
+        index: usize,
+        event: EventResult,
+        progress: &Mutex<StreamProgress>,
+    ) -> Vec<Value> {
+        let Ok(mut progress) = progress.lock() else {
+            return vec![ApiError::internal("stream state poisoned").body()];
+        };
         match event {
-            Ok(EngineEvent::Token(t)) if t.text.is_empty() => Vec::new(),
-            Ok(EngineEvent::Token(t)) => vec![self.chunk(self.choice(Some(&t.text), None))],
-            Ok(EngineEvent::Finished(out)) => {
-                let mut v = vec![self.chunk(self.choice(None, Some(out.finish_reason.as_str())))];
-                if self.include_usage {
-                    let mut u = self.chunk(json!([]));
-                    u["usage"] = Self::usage(&out);
-                    v.push(u);
+            Ok(EngineEvent::Token(t)) => match &t.logprobs {
+                // Every token's log-probabilities are sent, even while its text is held back.
+                Some(lp) => {
+                    let offset = progress.text_offsets[index];
+                    let logprobs = self.logprobs(std::slice::from_ref(lp), offset);
+                    progress.text_offsets[index] += self.token_text(lp.token).chars().count();
+                    vec![self.chunk(self.choice(index, Some(&t.text), None, logprobs))]
                 }
-                v
+                None if t.text.is_empty() => Vec::new(),
+                None => vec![self.chunk(self.choice(index, Some(&t.text), None, Value::Null))],
+            },
+            Ok(EngineEvent::Finished(out)) => {
+                let usage = progress.usage.unwrap_or_default().add(&out);
+                progress.usage = Some(usage);
+                let reason = out.finish_reason.as_str();
+                vec![self.chunk(self.choice(index, None, Some(reason), Value::Null))]
             }
             // Headers are sent: the error goes in the stream, as OpenAI-compatible servers do.
             Err(e) => vec![ApiError::from(e).body()],
+        }
+    }
+
+    /// How the tokenizer spells one token (special tokens included).
+    fn token_text(&self, id: u32) -> String {
+        self.engine
+            .tokenizer()
+            .decode_with(&[id], false)
+            .unwrap_or_default()
+    }
+
+    /// Log-probabilities in the endpoint's shape: chat's `{"content": [{token, logprob,
+    /// bytes, top_logprobs}]}`, or the completions API's parallel lists with `text_offset`
+    /// counted in characters from `offset`.
+    fn logprobs(&self, lps: &[TokenLogprobs], mut offset: usize) -> Value {
+        let logprob = |l: f32| l.max(LOGPROB_FLOOR);
+        match self.kind {
+            Kind::Chat => {
+                let entry = |id: u32, lp: f32| {
+                    let text = self.token_text(id);
+                    json!({"token": text, "logprob": logprob(lp), "bytes": text.as_bytes()})
+                };
+                let content: Vec<Value> = lps
+                    .iter()
+                    .map(|lp| {
+                        let mut e = entry(lp.token, lp.logprob);
+                        e["top_logprobs"] = lp.top.iter().map(|&(id, l)| entry(id, l)).collect();
+                        e
+                    })
+                    .collect();
+                json!({"content": content, "refusal": null})
+            }
+            Kind::Completion => {
+                let (mut tokens, mut token_logprobs, mut tops, mut offsets) =
+                    (vec![], vec![], vec![], vec![]);
+                for lp in lps {
+                    let text = self.token_text(lp.token);
+                    offsets.push(offset);
+                    offset += text.chars().count();
+                    tokens.push(text);
+                    token_logprobs.push(logprob(lp.logprob));
+                    let top: serde_json::Map<String, Value> = lp
+                        .top
+                        .iter()
+                        .map(|&(id, l)| (self.token_text(id), json!(logprob(l))))
+                        .collect();
+                    tops.push(top);
+                }
+                json!({
+                    "tokens": tokens,
+                    "token_logprobs": token_logprobs,
+                    "top_logprobs": tops,
+                    "text_offset": offsets,
+                })
+            }
         }
     }
 }

@@ -5,12 +5,16 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use engine_core::chat::ChatMessage;
-use engine_core::sampling::SamplingParams;
+use engine_core::sampling::{SamplingParams, MAX_TOP_LOGPROBS};
 
 use super::error::ApiError;
 
+/// The most choices (`n`) one request may ask for; each is a request of its own in the engine.
+pub const MAX_CHOICES: i64 = 16;
+
 /// Sampling and streaming fields shared by both endpoints (OpenAI's names; `top_k`,
 /// `repetition_penalty` and `ignore_eos` are extensions, as in vLLM and LMDeploy).
+/// `logprobs` is read by each endpoint (an integer for completions, a flag for chat).
 #[derive(Debug, Default, Deserialize)]
 pub struct SamplingFields {
     pub max_tokens: Option<i64>,
@@ -55,6 +59,7 @@ pub struct ChatRequest {
     pub messages: Vec<InMessage>,
     pub tools: Option<Value>,
     pub response_format: Option<Value>,
+    pub top_logprobs: Option<Value>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -76,6 +81,8 @@ pub enum Prompt {
 #[derive(Debug, Clone)]
 pub struct Generation {
     pub params: SamplingParams,
+    /// Choices to generate (OpenAI's `n`), each with seed `params.seed + i`.
+    pub n: usize,
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
@@ -83,15 +90,19 @@ pub struct Generation {
 
 impl SamplingFields {
     /// Checks every field; `default_max_tokens` applies when neither `max_tokens` nor
-    /// `max_completion_tokens` is given.
-    pub fn check(&self, default_max_tokens: usize) -> Result<Generation, ApiError> {
-        if let Some(n) = self.n {
-            if n != 1 {
-                return Err(ApiError::invalid_param(
-                    "n",
-                    format!("n must be 1 (one choice per request), got {n}"),
-                ));
-            }
+    /// `max_completion_tokens` is given; `logprobs` is what the endpoint read from its own
+    /// log-probability fields.
+    pub fn check(
+        &self,
+        default_max_tokens: usize,
+        logprobs: Option<usize>,
+    ) -> Result<Generation, ApiError> {
+        let n = self.n.unwrap_or(1);
+        if !(1..=MAX_CHOICES).contains(&n) {
+            return Err(ApiError::invalid_param(
+                "n",
+                format!("n must be between 1 and {MAX_CHOICES}, got {n}"),
+            ));
         }
         let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
             (Some(m), _) => Some(("max_completion_tokens", m)),
@@ -139,26 +150,22 @@ impl SamplingFields {
                 format!("repetition_penalty must be > 0, got {repetition_penalty}"),
             ));
         }
-        for (name, v) in [
+        let mut penalties = [0.0f32; 2];
+        for ((name, v), out) in [
             ("presence_penalty", self.presence_penalty),
             ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if v.is_some_and(|v| v != 0.0) {
+        ]
+        .into_iter()
+        .zip(&mut penalties)
+        {
+            let v = v.unwrap_or(0.0);
+            if !(-2.0..=2.0).contains(&v) {
                 return Err(ApiError::invalid_param(
                     name,
-                    format!("{name} is not supported (use repetition_penalty)"),
+                    format!("{name} must be in [-2, 2], got {v}"),
                 ));
             }
-        }
-        if self
-            .logprobs
-            .as_ref()
-            .is_some_and(|v| !(v.is_null() || v == &Value::Bool(false) || v == &Value::from(0)))
-        {
-            return Err(ApiError::invalid_param(
-                "logprobs",
-                "logprobs are not supported",
-            ));
+            *out = v as f32;
         }
         let seed = match self.seed {
             Some(s) => s as u64,
@@ -170,10 +177,14 @@ impl SamplingFields {
                 top_k,
                 top_p: top_p as f32,
                 repetition_penalty: repetition_penalty as f32,
+                presence_penalty: penalties[0],
+                frequency_penalty: penalties[1],
+                logprobs,
                 max_new_tokens,
                 seed,
                 ignore_eos: self.ignore_eos.unwrap_or(false),
             },
+            n: n as usize,
             stop: stop_strings(self.stop.as_ref())?,
             stream: self.stream.unwrap_or(false),
             include_usage: self
@@ -183,6 +194,19 @@ impl SamplingFields {
                 .unwrap_or(false),
         })
     }
+}
+
+/// A count of top log-probabilities in `0..=MAX_TOP_LOGPROBS`, or a 400 naming `param`.
+fn top_count(param: &str, v: &Value) -> Result<usize, ApiError> {
+    v.as_u64()
+        .filter(|&n| n <= MAX_TOP_LOGPROBS as u64)
+        .map(|n| n as usize)
+        .ok_or_else(|| {
+            ApiError::invalid_param(
+                param,
+                format!("{param} must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {v}"),
+            )
+        })
 }
 
 /// `stop`: null, a string, or an array of strings.
@@ -207,6 +231,14 @@ fn stop_strings(stop: Option<&Value>) -> Result<Vec<String>, ApiError> {
 }
 
 impl CompletionRequest {
+    /// `logprobs`: absent or null (none), or how many top alternatives to report per token.
+    pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
+        match &self.sampling.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(None),
+            Some(v) => top_count("logprobs", v).map(Some),
+        }
+    }
+
     /// The prompt, and the checks of fields this server does not implement.
     pub fn prompt(&self) -> Result<Prompt, ApiError> {
         if self.echo == Some(true) {
@@ -254,6 +286,28 @@ impl CompletionRequest {
 }
 
 impl ChatRequest {
+    /// `logprobs` (a flag) and `top_logprobs` (how many alternatives, only with the flag).
+    pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
+        let top = match &self.top_logprobs {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(top_count("top_logprobs", v)?),
+        };
+        match &self.sampling.logprobs {
+            Some(Value::Bool(true)) => Ok(Some(top.unwrap_or(0))),
+            None | Some(Value::Null) | Some(Value::Bool(false)) => match top {
+                None => Ok(None),
+                Some(_) => Err(ApiError::invalid_param(
+                    "top_logprobs",
+                    "top_logprobs needs logprobs set to true",
+                )),
+            },
+            Some(v) => Err(ApiError::invalid_param(
+                "logprobs",
+                format!("logprobs must be true or false, got {v}"),
+            )),
+        }
+    }
+
     /// The conversation, and the checks of fields this server does not implement.
     pub fn messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
         if self
@@ -333,21 +387,28 @@ mod tests {
     }
 
     fn error(json: &str) -> ApiError {
-        fields(json).check(16).unwrap_err()
+        fields(json).check(16, None).unwrap_err()
     }
 
     #[test]
     fn defaults_follow_openai() {
-        let g = fields("{}").check(16).unwrap();
+        let g = fields("{}").check(16, None).unwrap();
+        assert_eq!(g.n, 1);
+        assert_eq!(g.params.logprobs, None);
         assert_eq!(g.params.max_new_tokens, 16);
         assert_eq!(g.params.temperature, 1.0);
         assert!(!g.stream && !g.include_usage && g.stop.is_empty());
         let g = fields(
             r#"{"max_completion_tokens": 3, "max_tokens": 9, "seed": 5, "top_k": -1,
-            "stop": "\n", "stream": true, "stream_options": {"include_usage": true}}"#,
+            "stop": "\n", "stream": true, "stream_options": {"include_usage": true},
+            "n": 3, "presence_penalty": 0.5, "frequency_penalty": -1}"#,
         )
-        .check(16)
+        .check(16, Some(2))
         .unwrap();
+        assert_eq!(g.n, 3);
+        assert_eq!(g.params.presence_penalty, 0.5);
+        assert_eq!(g.params.frequency_penalty, -1.0);
+        assert_eq!(g.params.logprobs, Some(2));
         assert_eq!(g.params.max_new_tokens, 3);
         assert_eq!((g.params.seed, g.params.top_k), (5, 0));
         assert_eq!(g.stop, vec!["\n"]);
@@ -357,20 +418,67 @@ mod tests {
     #[test]
     fn bad_values_name_their_field() {
         for (json, param) in [
-            (r#"{"n": 2}"#, "n"),
+            (r#"{"n": 0}"#, "n"),
+            (r#"{"n": 17}"#, "n"),
             (r#"{"max_tokens": 0}"#, "max_tokens"),
             (r#"{"temperature": 2.5}"#, "temperature"),
             (r#"{"top_p": 0}"#, "top_p"),
             (r#"{"top_k": -3}"#, "top_k"),
             (r#"{"repetition_penalty": 0}"#, "repetition_penalty"),
-            (r#"{"presence_penalty": 1}"#, "presence_penalty"),
+            (r#"{"presence_penalty": 2.5}"#, "presence_penalty"),
+            (r#"{"frequency_penalty": -3}"#, "frequency_penalty"),
             (r#"{"stop": [1]}"#, "stop"),
             (r#"{"stop": ""}"#, "stop"),
-            (r#"{"logprobs": true}"#, "logprobs"),
         ] {
             let e = error(json);
             assert_eq!(e.param.as_deref(), Some(param), "{json}: {e:?}");
             assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+        }
+    }
+
+    #[test]
+    fn each_endpoint_reads_its_logprobs_fields() {
+        let completion = |extra: &str| {
+            serde_json::from_str::<CompletionRequest>(&format!(
+                r#"{{"model": "m", "prompt": "p"{extra}}}"#
+            ))
+            .unwrap()
+            .logprobs()
+        };
+        assert_eq!(completion("").unwrap(), None);
+        assert_eq!(completion(r#", "logprobs": null"#).unwrap(), None);
+        assert_eq!(completion(r#", "logprobs": false"#).unwrap(), None);
+        assert_eq!(completion(r#", "logprobs": 0"#).unwrap(), Some(0));
+        assert_eq!(completion(r#", "logprobs": 5"#).unwrap(), Some(5));
+        for bad in [
+            r#", "logprobs": 21"#,
+            r#", "logprobs": -1"#,
+            r#", "logprobs": true"#,
+        ] {
+            let e = completion(bad).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("logprobs"), "{bad}");
+        }
+        let chat = |extra: &str| {
+            serde_json::from_str::<ChatRequest>(&format!(
+                r#"{{"model": "m", "messages": [{{"role": "user", "content": "hi"}}]{extra}}}"#
+            ))
+            .unwrap()
+            .logprobs()
+        };
+        assert_eq!(chat("").unwrap(), None);
+        assert_eq!(chat(r#", "logprobs": false"#).unwrap(), None);
+        assert_eq!(chat(r#", "logprobs": true"#).unwrap(), Some(0));
+        assert_eq!(
+            chat(r#", "logprobs": true, "top_logprobs": 20"#).unwrap(),
+            Some(20)
+        );
+        for (bad, param) in [
+            (r#", "top_logprobs": 2"#, "top_logprobs"),
+            (r#", "logprobs": true, "top_logprobs": 21"#, "top_logprobs"),
+            (r#", "logprobs": 3"#, "logprobs"),
+        ] {
+            let e = chat(bad).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{bad}");
         }
     }
 

@@ -206,6 +206,180 @@ fn completions_honour_stop_strings_and_token_prompts() {
     });
 }
 
+/// Checks one token's chat log-probabilities: `top` alternatives, most likely first, none
+/// above 0, the token's own no more likely than the best; returns the token's text.
+fn check_chat_logprob(entry: &Value, top: usize) -> String {
+    let lp = entry["logprob"].as_f64().unwrap();
+    let token = entry["token"].as_str().unwrap().to_string();
+    assert_eq!(entry["bytes"], json!(token.as_bytes()));
+    let tops: Vec<f64> = entry["top_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["logprob"].as_f64().unwrap())
+        .collect();
+    assert_eq!(tops.len(), top, "{entry}");
+    assert!(lp <= 0.0 && tops.iter().all(|&t| t <= 0.0), "{entry}");
+    assert!(tops.windows(2).all(|w| w[0] >= w[1]), "{entry}");
+    assert!(
+        tops.first().is_none_or(|&best| lp <= best + 1e-6),
+        "{entry}"
+    );
+    token
+}
+
+#[test]
+fn chat_choices_and_logprobs_whole_and_streamed() {
+    let Some(app) = app(&[]) else { return };
+    rt().block_on(async {
+        let chat = "/v1/chat/completions";
+        let body = chat_body(json!({"n": 3, "logprobs": true, "top_logprobs": 2}));
+        let (status, whole) = post(&app, chat, body.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{whole}");
+        let choices = whole["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 3);
+        let mut tokens = 0;
+        for (i, c) in choices.iter().enumerate() {
+            assert_eq!(c["index"], i);
+            // Greedy: every choice is the same answer.
+            assert_eq!(c["message"], choices[0]["message"]);
+            let content = c["logprobs"]["content"].as_array().unwrap();
+            let text: String = content.iter().map(|e| check_chat_logprob(e, 2)).collect();
+            assert_eq!(text, c["message"]["content"].as_str().unwrap());
+            // A greedy token is the most likely one.
+            for e in content {
+                assert_eq!(e["logprob"], e["top_logprobs"][0]["logprob"], "{e}");
+            }
+            tokens += content.len();
+        }
+        let usage = &whole["usage"];
+        let completion = usage["completion_tokens"].as_u64().unwrap() as usize;
+        // Each choice's stop token, if one ended it, counts but has no entry.
+        assert!((tokens..=tokens + 3).contains(&completion), "{usage}");
+
+        let stream = json!({"stream": true, "stream_options": {"include_usage": true}});
+        let mut body = body;
+        body.as_object_mut()
+            .unwrap()
+            .extend(stream.as_object().unwrap().clone());
+        let (_, _, sse) = send(&app, Method::POST, chat, &body.to_string(), None).await;
+        let chunks = sse_chunks(&sse);
+        for (i, c) in choices.iter().enumerate() {
+            let mine: Vec<&Value> = chunks
+                .iter()
+                .flat_map(|c| c["choices"].as_array().unwrap())
+                .filter(|c| c["index"] == i)
+                .collect();
+            let text: String = mine
+                .iter()
+                .filter_map(|c| c["delta"]["content"].as_str())
+                .collect();
+            assert_eq!(text, c["message"]["content"].as_str().unwrap());
+            let content: Vec<Value> = mine
+                .iter()
+                .filter_map(|c| c["logprobs"]["content"].as_array())
+                .flatten()
+                .cloned()
+                .collect();
+            assert_eq!(content, *c["logprobs"]["content"].as_array().unwrap());
+            let reasons: Vec<&Value> = mine
+                .iter()
+                .map(|c| &c["finish_reason"])
+                .filter(|r| !r.is_null())
+                .collect();
+            assert_eq!(reasons, vec![&c["finish_reason"]]);
+        }
+        assert_eq!(chunks.last().unwrap()["usage"], *usage);
+
+        // Sampled choices differ by seed, and a seed repeats them.
+        let sampled = chat_body(
+            json!({"n": 4, "temperature": 1.5, "seed": 11, "max_tokens": 16,
+            "presence_penalty": 0.5, "frequency_penalty": 0.5}),
+        );
+        let (status, a) = post(&app, chat, sampled.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{a}");
+        let (_, b) = post(&app, chat, sampled).await;
+        let texts = |v: &Value| -> Vec<String> {
+            v["choices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["message"]["content"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(texts(&a), texts(&b));
+        let mut distinct = texts(&a);
+        distinct.sort();
+        distinct.dedup();
+        assert!(distinct.len() > 1, "{:?}", texts(&a));
+        assert!(a["choices"][0]["logprobs"].is_null());
+    });
+}
+
+#[test]
+fn completions_logprobs_line_up_with_the_text() {
+    let Some(app) = app(&[]) else { return };
+    rt().block_on(async {
+        let body = json!({"model": MODEL, "prompt": "The capital of France is",
+            "max_tokens": 10, "temperature": 0, "logprobs": 3});
+        let (status, whole) = post(&app, "/v1/completions", body.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{whole}");
+        let c = &whole["choices"][0];
+        let lp = &c["logprobs"];
+        let tokens: Vec<&str> = lp["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert_eq!(tokens.concat(), c["text"].as_str().unwrap());
+        let n = tokens.len();
+        let offsets: Vec<u64> = lp["text_offset"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_u64().unwrap())
+            .collect();
+        let mut at = 0;
+        for (t, &o) in tokens.iter().zip(&offsets) {
+            assert_eq!(o, at);
+            at += t.chars().count() as u64;
+        }
+        assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), n);
+        let tops = lp["top_logprobs"].as_array().unwrap();
+        assert_eq!(tops.len(), n);
+        for ((top, t), l) in tops
+            .iter()
+            .zip(&tokens)
+            .zip(lp["token_logprobs"].as_array().unwrap())
+        {
+            let top = top.as_object().unwrap();
+            assert!(!top.is_empty() && top.len() <= 3, "{top:?}");
+            // Greedy: the token is its own most likely alternative.
+            assert_eq!(top.get(*t), Some(l), "{t:?} in {top:?}");
+        }
+
+        let mut stream = body;
+        stream["stream"] = json!(true);
+        let (_, _, sse) = send(
+            &app,
+            Method::POST,
+            "/v1/completions",
+            &stream.to_string(),
+            None,
+        )
+        .await;
+        let chunks = sse_chunks(&sse);
+        let streamed: Vec<Value> = chunks
+            .iter()
+            .map(|c| &c["choices"][0]["logprobs"])
+            .filter(|l| !l.is_null())
+            .flat_map(|l| l["text_offset"].as_array().unwrap().clone())
+            .collect();
+        assert_eq!(streamed, lp["text_offset"].as_array().unwrap().clone());
+    });
+}
+
 /// Asserts an OpenAI-shaped error with `status`; returns its `error` object.
 fn assert_error(status: StatusCode, ctype: &str, body: &str, want: StatusCode) -> Value {
     assert_eq!(status, want, "{body}");
@@ -251,9 +425,21 @@ fn every_error_is_json_with_its_status() {
             ),
             (
                 chat,
-                chat_body(json!({"n": 2})).to_string(),
+                chat_body(json!({"n": 17})).to_string(),
                 StatusCode::BAD_REQUEST,
                 Some("n"),
+            ),
+            (
+                chat,
+                chat_body(json!({"top_logprobs": 2})).to_string(),
+                StatusCode::BAD_REQUEST,
+                Some("top_logprobs"),
+            ),
+            (
+                chat,
+                chat_body(json!({"presence_penalty": 3})).to_string(),
+                StatusCode::BAD_REQUEST,
+                Some("presence_penalty"),
             ),
             (
                 chat,

@@ -174,6 +174,33 @@ def test_completions_with_stop(a):
     assert streamed == cut.choices[0].text, (streamed, cut.choices[0].text)
 
 
+def test_choices_and_logprobs(a):
+    c = a.client()
+    whole = chat(c, "What is the capital of France?", n=2, logprobs=True, top_logprobs=3)
+    assert [ch.index for ch in whole.choices] == [0, 1], whole
+    for ch in whole.choices:
+        content = ch.logprobs.content
+        assert "".join(t.token for t in content) == ch.message.content, ch
+        for t in content:
+            assert t.logprob <= 0 and len(t.top_logprobs) == 3, t
+            assert bytes(t.bytes).decode() == t.token, t
+            assert t.top_logprobs[0].logprob == t.logprob, t  # greedy: the most likely
+    assert whole.choices[0].message.content == whole.choices[1].message.content
+    pieces = {0: [], 1: []}
+    for chunk in chat(c, "What is the capital of France?", n=2, stream=True, logprobs=True):
+        for ch in chunk.choices:
+            if ch.logprobs and ch.logprobs.content:
+                pieces[ch.index] += [t.token for t in ch.logprobs.content]
+    for i in (0, 1):
+        assert "".join(pieces[i]) == whole.choices[i].message.content, pieces[i]
+    comp = c.completions.create(model=MODEL, prompt="The capital of France is",
+                                max_tokens=8, temperature=0, logprobs=2,
+                                presence_penalty=0.5, frequency_penalty=0.5)
+    lp = comp.choices[0].logprobs
+    assert "".join(lp.tokens) == comp.choices[0].text, lp
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == len(lp.tokens)
+
+
 def expect(exc_type, status, fn, code=None, param=None):
     try:
         fn()
@@ -194,7 +221,9 @@ def test_errors(a):
            lambda: c.chat.completions.create(model="no-such-model", messages=[
                {"role": "user", "content": "hi"}], max_tokens=4),
            code="model_not_found", param="model")
-    expect(openai.BadRequestError, 400, lambda: chat(c, "hi", n=2), param="n")
+    expect(openai.BadRequestError, 400, lambda: chat(c, "hi", n=17), param="n")
+    expect(openai.BadRequestError, 400, lambda: chat(c, "hi", top_logprobs=3),
+           param="top_logprobs")
     expect(openai.BadRequestError, 400, lambda: chat(c, "hi", temperature=5), param="temperature")
     expect(openai.BadRequestError, 400, lambda: chat(c, "hi", top_p=0), param="top_p")
     expect(openai.BadRequestError, 400, lambda: chat(c, "word " * 9000),
@@ -307,7 +336,7 @@ def main():
     a = Server(args.kvq, args.model, "--quant-policy", "8", "--cache-memory-gib", "0.1",
                "--api-keys", KEY)
     for test in (test_models, test_chat_completion_and_stream, test_completions_with_stop,
-                 test_errors, test_32_concurrent_clients,
+                 test_choices_and_logprobs, test_errors, test_32_concurrent_clients,
                  test_disconnect_cancels_and_frees_blocks):
         run(test, a)
     a.stop()

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::sampling::SamplingParams;
+use crate::sampling::{SamplingParams, TokenLogprobs};
 
 /// One generation request, already tokenized.
 #[derive(Debug, Clone, Default)]
@@ -50,6 +50,8 @@ pub struct GenerationOutput {
     /// Tokens sampled (`token_ids` plus the stop token, if one ended it).
     pub completion_tokens: usize,
     pub finish_reason: FinishReason,
+    /// With `params.logprobs`: one entry per token of `token_ids`.
+    pub logprobs: Option<Vec<TokenLogprobs>>,
 }
 
 /// One step's news for one request, for streaming.
@@ -63,4 +65,6 @@ pub struct TokenEvent {
     /// could still be the start of a stop string).
     pub text: String,
     pub finished: Option<FinishReason>,
+    /// With `params.logprobs`: the token's log-probability and the top alternatives.
+    pub logprobs: Option<TokenLogprobs>,
 }

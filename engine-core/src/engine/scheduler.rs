@@ -27,7 +27,7 @@ use crate::error::KvqError;
 use crate::loader::Tokenizer;
 use crate::model::{ForwardPass, SeqInput};
 use crate::ops::linear::{Kernel, Path, DEQUANT_MIN_ROWS};
-use crate::sampling::Sampler;
+use crate::sampling::{Sampler, TokenLogprobs};
 
 /// Limits the scheduler works within.
 #[derive(Debug, Clone, Copy)]
@@ -60,6 +60,8 @@ struct Sequence {
     detok: IncrementalDecoder,
     /// Text released so far (what the events carried).
     text: String,
+    /// Log-probabilities of the generated tokens, when the request asked for them.
+    logprobs: Option<Vec<TokenLogprobs>>,
     /// Ended by EOS or a stop id (that token is not part of the answer).
     ended_by_token: bool,
     finished: Option<FinishReason>,
@@ -98,14 +100,28 @@ impl Sequence {
         session_len: usize,
         tokenizer: &Tokenizer,
     ) -> Result<TokenEvent, KvqError> {
-        let token = match row {
-            RowOutput::Logits(logits) => self.sampler.sample(logits, &self.tokens),
-            RowOutput::Greedy(token) => token,
+        let (token, logprobs) = match row {
+            RowOutput::Logits(logits) => {
+                let token = self.sampler.sample(logits, &self.tokens, self.prompt_len);
+                let logprobs = self
+                    .sampler
+                    .params()
+                    .logprobs
+                    .map(|n| TokenLogprobs::from_logits(logits, token, n));
+                (token, logprobs)
+            }
+            // Only plain greedy requests, which want no log-probabilities, come this way.
+            RowOutput::Greedy(token) => (token, None),
         };
         self.tokens.push(token);
         let piece = self.detok.push(tokenizer, token)?;
         let eos = Some(token) == eos && !self.sampler.params().ignore_eos;
         let stop = eos || self.stop_ids.contains(&token);
+        // A stop token is not part of the answer, nor are its log-probabilities.
+        let logprobs = logprobs.filter(|_| !stop);
+        if let (Some(all), Some(lp)) = (&mut self.logprobs, &logprobs) {
+            all.push(lp.clone());
+        }
         let mut finished = if stop {
             Some(FinishReason::Stop)
         } else if self.generated() >= self.sampler.params().max_new_tokens
@@ -137,6 +153,7 @@ impl Sequence {
             token,
             text,
             finished,
+            logprobs,
         })
     }
 
@@ -152,6 +169,7 @@ impl Sequence {
             prompt_tokens: self.prompt_len,
             completion_tokens,
             finish_reason: self.finished.expect("finished"),
+            logprobs: self.logprobs,
         };
         (self.index, output)
     }
@@ -230,6 +248,7 @@ impl Scheduler {
         }
         let index = self.next_index;
         self.next_index += 1;
+        let logprobs = req.params.logprobs.map(|_| Vec::new());
         self.waiting.push_back(Sequence {
             index,
             prompt_len: req.prompt.len(),
@@ -242,6 +261,7 @@ impl Scheduler {
             stop: StopMatcher::new(req.stop),
             detok: IncrementalDecoder::new(),
             text: String::new(),
+            logprobs,
             ended_by_token: false,
             finished: None,
         });

@@ -735,3 +735,50 @@ fn tensor_parallel_configs_are_refused_on_the_cpu() {
         "{err}"
     );
 }
+
+/// Log-probabilities ride along without changing the tokens: one per generated token (the
+/// same in the events and the output), the greedy token the most likely of its top list, and
+/// a preempted request reports the same ones as when it runs alone.
+#[test]
+fn logprobs_follow_every_generated_token() {
+    let mut e = tiny_engine(6, 16, 8);
+    let plain: Vec<Request> = (0..3).map(|i| request(60 + i, 20, 40)).collect();
+    let with_lp: Vec<Request> = plain
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r.params.logprobs = Some(3);
+            r
+        })
+        .collect();
+    let want: Vec<GenerationOutput> = with_lp.iter().map(|r| alone(&mut e, r)).collect();
+    let mut streamed = vec![Vec::new(); 3];
+    // Three requests of 60 tokens in 6 blocks of 16: they preempt each other.
+    let got = e
+        .generate(with_lp.clone(), &mut |ev| {
+            streamed[ev.request].push(ev.logprobs.clone().expect("asked for logprobs"))
+        })
+        .unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let lps = g.logprobs.as_ref().expect("output logprobs");
+        assert_eq!(g.token_ids, alone(&mut e, &plain[i]).token_ids);
+        assert_eq!(g.token_ids, w.token_ids);
+        assert_eq!(lps.len(), g.token_ids.len());
+        assert_eq!(&streamed[i], lps);
+        for (lp, w) in lps.iter().zip(w.logprobs.as_ref().unwrap()) {
+            assert!((lp.logprob - w.logprob).abs() < 1e-4, "{lp:?} vs {w:?}");
+        }
+        for (lp, &t) in lps.iter().zip(&g.token_ids) {
+            assert_eq!(lp.token, t);
+            assert_eq!(lp.top.len(), 3);
+            assert_eq!(
+                lp.top[0].1, lp.logprob,
+                "greedy takes the most likely token"
+            );
+            assert!(lp.logprob.is_finite() && lp.logprob <= 0.0);
+            assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+        }
+    }
+    assert!(plain.iter().all(|r| alone(&mut e, r).logprobs.is_none()));
+    assert_accounted(&e);
+}
