@@ -145,6 +145,11 @@ mod tests {
 
     /// The `u` variants keep the codes and make `⟨x̂, x⟩ = ‖x‖²` (no shrinkage), for 2, 3 and
     /// 4 bits, on fresh random vectors.
+    ///
+    /// The plain sides' mean ratio `⟨x̂, x⟩/‖x‖²` is averaged over 1000 vectors: over 50 (as
+    /// before) the 4-bit mean was 0.992 with a spread of 0.0026, so 0.3 % of seeds reached
+    /// 0.999 (1500 seeds: highest 1.0006). Over 1000 vectors and 400 seeds the highest was
+    /// 0.9936 (4-bit, spread 0.0006), 0.972 (3-bit) and 0.892 (2-bit).
     #[test]
     fn unshrunk_sides_project_exactly_onto_the_input() {
         use crate::codecs::LloydMax2Side;
@@ -164,9 +169,10 @@ mod tests {
                 Box::new(LloydMaxSide::unshrunk(dim, 4, KvDtype::F32)),
             ),
         ];
+        let vectors = 1000;
         for (plain, unshrunk) in &sides {
-            let mut plain_ratio = 0f32;
-            for _ in 0..50 {
+            let mut plain_ratio = 0f64;
+            for _ in 0..vectors {
                 let x = gaussian(&mut r, dim);
                 let b = plain.bytes();
                 let (mut d1, mut m1) = (vec![0u8; b.data], vec![0u8; b.meta]);
@@ -180,7 +186,7 @@ mod tests {
                 let (xx, xo) = (dot(&x, &x), dot(&x, &out));
                 assert!((xo / xx - 1.0).abs() < 1e-4, "<x, x̂> {xo} vs ‖x‖² {xx}");
                 plain.decode(&d1, &m1, &mut out);
-                plain_ratio += dot(&x, &out) / xx / 50.0;
+                plain_ratio += (dot(&x, &out) / xx) as f64 / vectors as f64;
             }
             // The plain sides shrink by about 1 − MSE (0.88, 0.97, 0.99).
             assert!(

@@ -195,9 +195,14 @@ mod tests {
     }
 
     /// The estimator is unbiased: over many seeds (rotation signs and `S`), the mean error of
-    /// `⟨q, k̂⟩` is within 4 standard errors of 0 and far below its spread. The MSE-only 2-bit
+    /// `⟨q, k̂⟩` is within 5 standard errors of 0 and far below its spread. The MSE-only 2-bit
     /// stage on the same inputs is measurably biased (it shrinks inner products), which shows
     /// the test can see a bias of that size.
+    ///
+    /// Over 24 fresh seeds (144 cases) `mean/se` had mean −0.15, spread 1.00 and largest size
+    /// 2.9, as for an unbiased estimator; at 4 standard errors such an estimator fails one run
+    /// in about 2600 (6 cases), at 5 one in 300 000. In the 60 of those cases with
+    /// `|⟨q, k⟩| > 5` the MSE-only stage kept at most 0.907 of `⟨q, k⟩` (bound 0.97).
     #[test]
     fn inner_products_are_unbiased_over_seeds() {
         for dim in [64usize, 128] {
@@ -226,12 +231,13 @@ mod tests {
                 eprintln!(
                     "tqprod D={dim}: <q,k> {exact:.3}, mean error {mean:.4} ± {se:.4} (std {std:.3}); MSE-only mean error {mse_mean:.4}"
                 );
-                assert!(mean.abs() <= 4.0 * se, "D={dim}: biased: {mean} vs se {se}");
+                assert!(mean.abs() <= 5.0 * se, "D={dim}: biased: {mean} vs se {se}");
                 assert!(mean.abs() <= 0.1 * std, "D={dim}: {mean} vs std {std}");
                 if exact.abs() > 5.0 {
+                    // `mse_mean` is the mean error, so the mean estimate is `exact + mse_mean`.
                     assert!(
-                        (mse_mean / exact) < 0.97,
-                        "MSE-only stage should shrink <q,k>: {mse_mean} of {exact}"
+                        (exact + mse_mean) / exact < 0.97,
+                        "MSE-only stage should shrink <q,k>: mean error {mse_mean} of {exact}"
                     );
                 }
             }

@@ -229,6 +229,14 @@ fn paged_attention_matches_dense_attention_on_the_decoded_cache() {
     }
 }
 
+/// Attention over the int8 and int4 caches against the fp16 cache, on fixed seeds 1..=4 and
+/// four fresh ones; `min4_bound` is the bound on the worst per-(row, head) int4 cosine.
+///
+/// That worst cosine is a tail statistic, so fresh seeds get a looser bound than the fixed
+/// ones: over 15000 seeds per head dim it fell below 0.96 for 7 seeds (lowest 0.951 at D = 64
+/// and 0.953 at D = 128), about 0.2 % of runs of four seeds at two dims, while the paged
+/// output equals dense attention over the decoded cache on those seeds. The other statistics
+/// stayed far from their bounds (lowest int8 worst cosine 0.99983, int4 mean 0.9878).
 #[test]
 fn attention_over_quantized_cache_is_close_to_fp16() {
     let base = fresh_seed("turbomind cosine vs fp16");
@@ -236,17 +244,19 @@ fn attention_over_quantized_cache_is_close_to_fp16() {
         let fp16: Arc<dyn KvCodec> = Arc::new(float_codec(dim, dim, KvDtype::F16));
         let int8: Arc<dyn KvCodec> = Arc::new(int8_codec(dim, dim, KvDtype::F16));
         let int4: Arc<dyn KvCodec> = Arc::new(int4_codec(dim, dim, KvDtype::F16));
-        for seed in base..base + 4 {
-            let (min8, mean8) =
-                attention_cosine_vs_fp16(&TurbomindBackend, int8.clone(), fp16.clone(), seed);
-            let (min4, mean4) =
-                attention_cosine_vs_fp16(&TurbomindBackend, int4.clone(), fp16.clone(), seed);
-            eprintln!("D={dim} seed {seed}: int8 min {min8:.6} mean {mean8:.6}; int4 min {min4:.6} mean {mean4:.6}");
-            assert!(min8 >= 0.999, "D={dim} seed {seed}: int8 min cosine {min8}");
-            assert!(
-                min4 >= 0.96 && mean4 >= 0.98,
-                "D={dim} seed {seed}: int4 cosine min {min4} mean {mean4}"
-            );
+        for (seeds, min4_bound) in [(1..5, 0.96), (base..base + 4, 0.93)] {
+            for seed in seeds {
+                let (min8, mean8) =
+                    attention_cosine_vs_fp16(&TurbomindBackend, int8.clone(), fp16.clone(), seed);
+                let (min4, mean4) =
+                    attention_cosine_vs_fp16(&TurbomindBackend, int4.clone(), fp16.clone(), seed);
+                eprintln!("D={dim} seed {seed}: int8 min {min8:.6} mean {mean8:.6}; int4 min {min4:.6} mean {mean4:.6}");
+                assert!(min8 >= 0.999, "D={dim} seed {seed}: int8 min cosine {min8}");
+                assert!(
+                    min4 >= min4_bound && mean4 >= 0.98,
+                    "D={dim} seed {seed}: int4 cosine min {min4} (bound {min4_bound}) mean {mean4}"
+                );
+            }
         }
     }
 }
