@@ -28,6 +28,11 @@ pub struct SamplingParams {
     /// Report the log-probability of each generated token and of this many most likely
     /// alternatives (0 to [`MAX_TOP_LOGPROBS`]); `None`: no log-probabilities.
     pub logprobs: Option<usize>,
+    /// Also report the log-probability of every prompt token after the first (given the
+    /// tokens before it) and of this many alternatives (vLLM's `prompt_logprobs`; what the
+    /// completions API's `echo` with `logprobs` returns). The prefill then computes a logits
+    /// row per prompt token.
+    pub prompt_logprobs: Option<usize>,
     pub max_new_tokens: usize,
     pub seed: u64,
     /// Keep generating past the model's end-of-sequence token (until `max_new_tokens` or the
@@ -48,6 +53,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logprobs: None,
+            prompt_logprobs: None,
             max_new_tokens: 128,
             seed: 0,
             ignore_eos: false,
@@ -78,7 +84,11 @@ impl SamplingParams {
                 return Err(format!("{name} must be in [-2, 2], got {v}"));
             }
         }
-        if let Some(n) = self.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+        if let Some(n) = [self.logprobs, self.prompt_logprobs]
+            .into_iter()
+            .flatten()
+            .find(|&n| n > MAX_TOP_LOGPROBS)
+        {
             return Err(format!(
                 "at most {MAX_TOP_LOGPROBS} top log-probabilities per token, asked for {n}"
             ));
@@ -114,6 +124,7 @@ impl Sampler {
             && p.presence_penalty == 0.0
             && p.frequency_penalty == 0.0
             && p.logprobs.is_none()
+            && p.prompt_logprobs.is_none()
     }
 
     /// Picks the next token from `logits` given the sequence so far (`tokens`, of which the

@@ -232,6 +232,7 @@ impl SamplingArgs {
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             logprobs: None,
+            prompt_logprobs: None,
             max_new_tokens: self.max_new_tokens,
             seed: self.seed,
             ignore_eos: self.ignore_eos,

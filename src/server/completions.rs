@@ -32,12 +32,16 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     s.check_model(&req.model)?;
     let prompt = req.prompt()?;
-    let generation = req
+    let mut generation = req
         .sampling
         .check(COMPLETIONS_DEFAULT_MAX_TOKENS, req.logprobs()?)?;
+    let echo = req.echo(generation.stream)?;
+    if echo {
+        generation.params.prompt_logprobs = generation.params.logprobs;
+    }
     let tok = s.engine.tokenizer();
-    let ids = match prompt {
-        Prompt::Text(t) => tok.encode(&t, true)?,
+    let (ids, text) = match prompt {
+        Prompt::Text(t) => (tok.encode(&t, true)?, t),
         Prompt::Tokens(ids) => {
             let vocab = s.engine.info().vocab_size;
             if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
@@ -46,10 +50,17 @@ pub async fn completions(
                     format!("token id {bad} is outside the vocabulary of {vocab}"),
                 ));
             }
-            ids
+            let text = tok.decode(&ids)?;
+            (ids, text)
         }
     };
-    run(&s, ids, "prompt", generation, Kind::Completion).await
+    let kind = Kind::Completion {
+        echo: echo.then(|| Echo {
+            text,
+            ids: ids.clone(),
+        }),
+    };
+    run(&s, ids, "prompt", generation, kind).await
 }
 
 pub async fn chat(
@@ -102,8 +113,8 @@ async fn run(
         );
     }
     let reply = Reply {
-        kind,
         id: format!("{}-{}", kind.id_prefix(), random_id()),
+        kind,
         created: super::unix_time(),
         model: s.model.clone(),
         include_usage: g.include_usage,
@@ -198,18 +209,33 @@ impl Usage {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Kind {
-    Completion,
+    /// `echo`: the prompt goes before each choice's text (and its tokens before the
+    /// log-probabilities).
+    Completion {
+        echo: Option<Echo>,
+    },
     Chat,
 }
 
+/// The prompt a completion echoes, as text and as the tokens the engine ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Echo {
+    text: String,
+    ids: Vec<u32>,
+}
+
 impl Kind {
-    fn id_prefix(self) -> &'static str {
+    fn id_prefix(&self) -> &'static str {
         match self {
-            Kind::Completion => "cmpl",
+            Kind::Completion { .. } => "cmpl",
             Kind::Chat => "chatcmpl",
         }
+    }
+
+    fn is_chat(&self) -> bool {
+        matches!(self, Kind::Chat)
     }
 }
 
@@ -234,23 +260,34 @@ impl Reply {
             .enumerate()
             .map(|(index, out)| {
                 let reason = out.finish_reason.as_str();
-                let logprobs = out
-                    .logprobs
-                    .as_ref()
-                    .map_or(Value::Null, |lp| self.logprobs(lp, 0));
-                match self.kind {
+                match &self.kind {
                     Kind::Chat => json!({
                         "index": index,
                         "message": {"role": "assistant", "content": out.text},
-                        "logprobs": logprobs,
+                        "logprobs": out.logprobs.as_ref().map_or(Value::Null, |lp| self.chat_logprobs(lp)),
                         "finish_reason": reason,
                     }),
-                    Kind::Completion => json!({
-                        "index": index,
-                        "text": out.text,
-                        "logprobs": logprobs,
-                        "finish_reason": reason,
-                    }),
+                    Kind::Completion { echo } => {
+                        let prompt = echo.as_ref().map(|e| (e, out.prompt_logprobs.as_deref()));
+                        let text = prompt.map_or(String::new(), |(e, _)| e.text.clone()) + &out.text;
+                        let logprobs = out.logprobs.as_ref().map_or(Value::Null, |lp| {
+                            let mut entries = Vec::new();
+                            if let Some((e, scored)) = prompt {
+                                // The first prompt token has nothing before it to be scored by.
+                                let scored = scored.unwrap_or_default().iter().map(Entry::Scored);
+                                entries.extend(e.ids.first().map(|&id| Entry::Unscored(id)));
+                                entries.extend(scored);
+                            }
+                            entries.extend(lp.iter().map(Entry::Scored));
+                            self.completion_logprobs(&entries, 0)
+                        });
+                        json!({
+                            "index": index,
+                            "text": text,
+                            "logprobs": logprobs,
+                            "finish_reason": reason,
+                        })
+                    }
                 }
             })
             .collect();
@@ -259,7 +296,7 @@ impl Reply {
             "id": self.id,
             "object": match self.kind {
                 Kind::Chat => "chat.completion",
-                Kind::Completion => "text_completion",
+                Kind::Completion { .. } => "text_completion",
             },
             "created": self.created,
             "model": &*self.model,
@@ -274,7 +311,7 @@ impl Reply {
             "id": self.id,
             "object": match self.kind {
                 Kind::Chat => "chat.completion.chunk",
-                Kind::Completion => "text_completion",
+                Kind::Completion { .. } => "text_completion",
             },
             "created": self.created,
             "model": &*self.model,
@@ -307,7 +344,7 @@ impl Reply {
                 "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }]),
-            Kind::Completion => json!([{
+            Kind::Completion { .. } => json!([{
                 "index": index,
                 "text": text.unwrap_or(""),
                 "logprobs": logprobs,
@@ -318,7 +355,7 @@ impl Reply {
 
     /// Chat streams open each choice with the assistant's role.
     fn first_chunk(&self, index: usize) -> Option<Value> {
-        (self.kind == Kind::Chat).then(|| {
+        self.kind.is_chat().then(|| {
             self.chunk(json!([{
                 "index": index,
                 "delta": {"role": "assistant", "content": ""},
@@ -343,7 +380,12 @@ impl Reply {
                 // Every token's log-probabilities are sent, even while its text is held back.
                 Some(lp) => {
                     let offset = progress.text_offsets[index];
-                    let logprobs = self.logprobs(std::slice::from_ref(lp), offset);
+                    let logprobs = match self.kind {
+                        Kind::Chat => self.chat_logprobs(std::slice::from_ref(lp)),
+                        Kind::Completion { .. } => {
+                            self.completion_logprobs(&[Entry::Scored(lp)], offset)
+                        }
+                    };
                     progress.text_offsets[index] += self.token_text(lp.token).chars().count();
                     vec![self.chunk(self.choice(index, Some(&t.text), None, logprobs))]
                 }
@@ -369,52 +411,60 @@ impl Reply {
             .unwrap_or_default()
     }
 
-    /// Log-probabilities in the endpoint's shape: chat's `{"content": [{token, logprob,
-    /// bytes, top_logprobs}]}`, or the completions API's parallel lists with `text_offset`
-    /// counted in characters from `offset`.
-    fn logprobs(&self, lps: &[TokenLogprobs], mut offset: usize) -> Value {
-        let logprob = |l: f32| l.max(LOGPROB_FLOOR);
-        match self.kind {
-            Kind::Chat => {
-                let entry = |id: u32, lp: f32| {
-                    let text = self.token_text(id);
-                    json!({"token": text, "logprob": logprob(lp), "bytes": text.as_bytes()})
-                };
-                let content: Vec<Value> = lps
-                    .iter()
-                    .map(|lp| {
-                        let mut e = entry(lp.token, lp.logprob);
-                        e["top_logprobs"] = lp.top.iter().map(|&(id, l)| entry(id, l)).collect();
-                        e
-                    })
-                    .collect();
-                json!({"content": content, "refusal": null})
-            }
-            Kind::Completion => {
-                let (mut tokens, mut token_logprobs, mut tops, mut offsets) =
-                    (vec![], vec![], vec![], vec![]);
-                for lp in lps {
-                    let text = self.token_text(lp.token);
-                    offsets.push(offset);
-                    offset += text.chars().count();
-                    tokens.push(text);
-                    token_logprobs.push(logprob(lp.logprob));
-                    let top: serde_json::Map<String, Value> = lp
-                        .top
-                        .iter()
-                        .map(|&(id, l)| (self.token_text(id), json!(logprob(l))))
-                        .collect();
-                    tops.push(top);
-                }
-                json!({
-                    "tokens": tokens,
-                    "token_logprobs": token_logprobs,
-                    "top_logprobs": tops,
-                    "text_offset": offsets,
-                })
-            }
-        }
+    /// Chat's log-probabilities: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
+    fn chat_logprobs(&self, lps: &[TokenLogprobs]) -> Value {
+        let entry = |id: u32, lp: f32| {
+            let text = self.token_text(id);
+            json!({"token": text, "logprob": lp.max(LOGPROB_FLOOR), "bytes": text.as_bytes()})
+        };
+        let content: Vec<Value> = lps
+            .iter()
+            .map(|lp| {
+                let mut e = entry(lp.token, lp.logprob);
+                e["top_logprobs"] = lp.top.iter().map(|&(id, l)| entry(id, l)).collect();
+                e
+            })
+            .collect();
+        json!({"content": content, "refusal": null})
     }
+
+    /// The completions API's log-probabilities: parallel lists `tokens`, `token_logprobs`,
+    /// `top_logprobs` (null where a token was not scored) and `text_offset`, counted in
+    /// characters from `offset`.
+    fn completion_logprobs(&self, entries: &[Entry<'_>], mut offset: usize) -> Value {
+        let (mut tokens, mut token_logprobs, mut tops, mut offsets) =
+            (vec![], vec![], vec![], vec![]);
+        for entry in entries {
+            let (id, scored) = match *entry {
+                Entry::Scored(lp) => (lp.token, Some(lp)),
+                Entry::Unscored(id) => (id, None),
+            };
+            let text = self.token_text(id);
+            offsets.push(offset);
+            offset += text.chars().count();
+            tokens.push(text);
+            token_logprobs.push(scored.map(|lp| lp.logprob.max(LOGPROB_FLOOR)));
+            tops.push(scored.map(|lp| {
+                lp.top
+                    .iter()
+                    .map(|&(id, l)| (self.token_text(id), json!(l.max(LOGPROB_FLOOR))))
+                    .collect::<serde_json::Map<String, Value>>()
+            }));
+        }
+        json!({
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        })
+    }
+}
+
+/// One token of a completion's log-probabilities: scored, or the echoed prompt's first token
+/// (nothing before it to score it).
+enum Entry<'a> {
+    Scored(&'a TokenLogprobs),
+    Unscored(u32),
 }
 
 /// 24 random hex digits.

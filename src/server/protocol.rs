@@ -180,6 +180,7 @@ impl SamplingFields {
                 presence_penalty: penalties[0],
                 frequency_penalty: penalties[1],
                 logprobs,
+                prompt_logprobs: None,
                 max_new_tokens,
                 seed,
                 ignore_eos: self.ignore_eos.unwrap_or(false),
@@ -239,11 +240,21 @@ impl CompletionRequest {
         }
     }
 
+    /// `echo`: whether each choice's text starts with the prompt (and, with `logprobs`,
+    /// its log-probabilities with the prompt's). Streamed answers do not echo.
+    pub fn echo(&self, stream: bool) -> Result<bool, ApiError> {
+        let echo = self.echo.unwrap_or(false);
+        if echo && stream {
+            return Err(ApiError::invalid_param(
+                "echo",
+                "echo is supported only without stream",
+            ));
+        }
+        Ok(echo)
+    }
+
     /// The prompt, and the checks of fields this server does not implement.
     pub fn prompt(&self) -> Result<Prompt, ApiError> {
-        if self.echo == Some(true) {
-            return Err(ApiError::invalid_param("echo", "echo is not supported"));
-        }
         if self.best_of.is_some_and(|b| b != 1) {
             return Err(ApiError::invalid_param("best_of", "best_of must be 1"));
         }

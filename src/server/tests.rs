@@ -245,7 +245,9 @@ fn chat_choices_and_logprobs_whole_and_streamed() {
             assert_eq!(c["message"], choices[0]["message"]);
             let content = c["logprobs"]["content"].as_array().unwrap();
             let text: String = content.iter().map(|e| check_chat_logprob(e, 2)).collect();
-            assert_eq!(text, c["message"]["content"].as_str().unwrap());
+            // A stop token that ended the answer has an entry but no text.
+            let answer = c["message"]["content"].as_str().unwrap();
+            assert!(text.starts_with(answer), "{text:?} / {answer:?}");
             // A greedy token is the most likely one.
             for e in content {
                 assert_eq!(e["logprob"], e["top_logprobs"][0]["logprob"], "{e}");
@@ -253,9 +255,10 @@ fn chat_choices_and_logprobs_whole_and_streamed() {
             tokens += content.len();
         }
         let usage = &whole["usage"];
-        let completion = usage["completion_tokens"].as_u64().unwrap() as usize;
-        // Each choice's stop token, if one ended it, counts but has no entry.
-        assert!((tokens..=tokens + 3).contains(&completion), "{usage}");
+        assert_eq!(
+            usage["completion_tokens"], tokens,
+            "an entry per completion token"
+        );
 
         let stream = json!({"stream": true, "stream_options": {"include_usage": true}});
         let mut body = body;
@@ -332,7 +335,8 @@ fn completions_logprobs_line_up_with_the_text() {
             .iter()
             .map(|t| t.as_str().unwrap())
             .collect();
-        assert_eq!(tokens.concat(), c["text"].as_str().unwrap());
+        assert!(tokens.concat().starts_with(c["text"].as_str().unwrap()));
+        assert_eq!(whole["usage"]["completion_tokens"], tokens.len());
         let n = tokens.len();
         let offsets: Vec<u64> = lp["text_offset"]
             .as_array()
@@ -377,6 +381,83 @@ fn completions_logprobs_line_up_with_the_text() {
             .flat_map(|l| l["text_offset"].as_array().unwrap().clone())
             .collect();
         assert_eq!(streamed, lp["text_offset"].as_array().unwrap().clone());
+    });
+}
+
+/// `echo` with `logprobs` scores the prompt, as evaluation harnesses use it: the first token
+/// unscored, every other one scored as it would be were it generated.
+#[test]
+fn completions_echo_scores_the_prompt() {
+    let (Some(app), Some(engine)) = (app(&[]), engine()) else {
+        return;
+    };
+    rt().block_on(async {
+        let tok = engine.tokenizer();
+        let context = "The capital of France is";
+        let ids = tok.encode(context, true).unwrap();
+        let body = |prompt: Value, echo: bool| {
+            json!({"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0,
+                "logprobs": 1, "echo": echo})
+        };
+        let (status, first) = post(&app, "/v1/completions", body(json!(ids), false)).await;
+        assert_eq!(status, StatusCode::OK, "{first}");
+        let next = first["choices"][0]["logprobs"]["tokens"][0]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let next_lp = first["choices"][0]["logprobs"]["token_logprobs"][0]
+            .as_f64()
+            .unwrap();
+        // The context and its greedy continuation, as tokens.
+        let scored = tok.encode(&format!("{context}{next}"), true).unwrap();
+        assert_eq!(
+            scored.len(),
+            ids.len() + 1,
+            "{next:?} is one token after the context"
+        );
+        assert_eq!(scored[..ids.len()], ids[..]);
+
+        let (status, echoed) = post(&app, "/v1/completions", body(json!(scored), true)).await;
+        assert_eq!(status, StatusCode::OK, "{echoed}");
+        let c = &echoed["choices"][0];
+        assert!(
+            c["text"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{context}{next}")),
+            "{c}"
+        );
+        let lp = &c["logprobs"];
+        let n = scored.len() + 1;
+        for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+            assert_eq!(lp[key].as_array().unwrap().len(), n, "{key}: {lp}");
+        }
+        assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null());
+        let logprobs: Vec<f64> = lp["token_logprobs"].as_array().unwrap()[1..]
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert!(
+            logprobs.iter().all(|&l| l <= 0.0 && l > -100.0),
+            "{logprobs:?}"
+        );
+        // The continuation scored as a prompt token has the probability it was generated with.
+        let as_prompt = logprobs[scored.len() - 2];
+        assert!(
+            (as_prompt - next_lp).abs() < 2e-3,
+            "{as_prompt} vs {next_lp}"
+        );
+        let text: String = lp["tokens"].as_array().unwrap()[..scored.len()]
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert_eq!(text, format!("{context}{next}"));
+
+        let mut stream = body(json!(scored), true);
+        stream["stream"] = json!(true);
+        let (status, e) = post(&app, "/v1/completions", stream).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(e["error"]["param"], "echo");
     });
 }
 

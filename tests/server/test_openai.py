@@ -178,27 +178,40 @@ def test_choices_and_logprobs(a):
     c = a.client()
     whole = chat(c, "What is the capital of France?", n=2, logprobs=True, top_logprobs=3)
     assert [ch.index for ch in whole.choices] == [0, 1], whole
+    entries = 0
     for ch in whole.choices:
         content = ch.logprobs.content
-        assert "".join(t.token for t in content) == ch.message.content, ch
+        entries += len(content)
+        # A stop token that ended the answer has an entry but no text.
+        assert "".join(t.token for t in content).startswith(ch.message.content), ch
         for t in content:
             assert t.logprob <= 0 and len(t.top_logprobs) == 3, t
             assert bytes(t.bytes).decode() == t.token, t
             assert t.top_logprobs[0].logprob == t.logprob, t  # greedy: the most likely
     assert whole.choices[0].message.content == whole.choices[1].message.content
+    assert entries == whole.usage.completion_tokens, (entries, whole.usage)
     pieces = {0: [], 1: []}
     for chunk in chat(c, "What is the capital of France?", n=2, stream=True, logprobs=True):
         for ch in chunk.choices:
             if ch.logprobs and ch.logprobs.content:
                 pieces[ch.index] += [t.token for t in ch.logprobs.content]
     for i in (0, 1):
-        assert "".join(pieces[i]) == whole.choices[i].message.content, pieces[i]
+        assert pieces[i] == [t.token for t in whole.choices[i].logprobs.content], pieces[i]
     comp = c.completions.create(model=MODEL, prompt="The capital of France is",
                                 max_tokens=8, temperature=0, logprobs=2,
                                 presence_penalty=0.5, frequency_penalty=0.5)
     lp = comp.choices[0].logprobs
-    assert "".join(lp.tokens) == comp.choices[0].text, lp
+    assert "".join(lp.tokens).startswith(comp.choices[0].text), lp
     assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == len(lp.tokens)
+    # A loglikelihood request as lm-evaluation-harness sends it: token ids, echo, one new token.
+    ids = [504, 3575, 282, 4649, 314]
+    scored = c.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0,
+                                  logprobs=1, echo=True)
+    lp = scored.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 1, lp
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None, lp
+    assert all(x <= 0 for x in lp.token_logprobs[1:]), lp
+    assert all(len(t) == 1 for t in lp.top_logprobs[1:]), lp
 
 
 def expect(exc_type, status, fn, code=None, param=None):

@@ -50,8 +50,11 @@ pub struct GenerationOutput {
     /// Tokens sampled (`token_ids` plus the stop token, if one ended it).
     pub completion_tokens: usize,
     pub finish_reason: FinishReason,
-    /// With `params.logprobs`: one entry per token of `token_ids`.
+    /// With `params.logprobs`: one entry per completion token (`token_ids`, then the stop
+    /// token that ended generation, if one did).
     pub logprobs: Option<Vec<TokenLogprobs>>,
+    /// With `params.prompt_logprobs`: one entry per prompt token after the first.
+    pub prompt_logprobs: Option<Vec<TokenLogprobs>>,
 }
 
 /// One step's news for one request, for streaming.

@@ -62,6 +62,9 @@ struct Sequence {
     text: String,
     /// Log-probabilities of the generated tokens, when the request asked for them.
     logprobs: Option<Vec<TokenLogprobs>>,
+    /// Log-probabilities of prompt tokens `1..=len` (entry `i` from position `i`'s logits),
+    /// when the request asked for them.
+    prompt_logprobs: Option<Vec<TokenLogprobs>>,
     /// Ended by EOS or a stop id (that token is not part of the answer).
     ended_by_token: bool,
     finished: Option<FinishReason>,
@@ -70,6 +73,27 @@ struct Sequence {
 impl Sequence {
     fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
+    }
+
+    /// Whether a chunk starting at position `from` must return a logits row per token: the
+    /// request wants prompt log-probabilities and some prompt token from `from + 1` on has
+    /// none yet.
+    fn scores_prompt_from(&self, from: usize) -> bool {
+        self.prompt_logprobs
+            .as_ref()
+            .is_some_and(|lp| lp.len() + 1 < self.prompt_len && from + 1 < self.prompt_len)
+    }
+
+    /// Records the log-probability of the prompt token after position `pos` from that
+    /// position's logits, once and in order (a recompute after preemption scores again
+    /// positions it already has).
+    fn record_prompt_logprob(&mut self, pos: usize, logits: &[f32]) {
+        let n = self.sampler.params().prompt_logprobs;
+        if let (Some(all), Some(n)) = (&mut self.prompt_logprobs, n) {
+            if pos + 1 < self.prompt_len && pos == all.len() {
+                all.push(TokenLogprobs::from_logits(logits, self.tokens[pos + 1], n));
+            }
+        }
     }
 
     /// Draft tokens this sequence may verify this step: none unless it is decoding (one
@@ -117,8 +141,8 @@ impl Sequence {
         let piece = self.detok.push(tokenizer, token)?;
         let eos = Some(token) == eos && !self.sampler.params().ignore_eos;
         let stop = eos || self.stop_ids.contains(&token);
-        // A stop token is not part of the answer, nor are its log-probabilities.
-        let logprobs = logprobs.filter(|_| !stop);
+        // A stop token is not part of the text, but it was sampled: its log-probability is
+        // reported (as vLLM does), so there is one entry per completion token.
         if let (Some(all), Some(lp)) = (&mut self.logprobs, &logprobs) {
             all.push(lp.clone());
         }
@@ -170,6 +194,7 @@ impl Sequence {
             completion_tokens,
             finish_reason: self.finished.expect("finished"),
             logprobs: self.logprobs,
+            prompt_logprobs: self.prompt_logprobs,
         };
         (self.index, output)
     }
@@ -249,6 +274,7 @@ impl Scheduler {
         let index = self.next_index;
         self.next_index += 1;
         let logprobs = req.params.logprobs.map(|_| Vec::new());
+        let prompt_logprobs = req.params.prompt_logprobs.map(|_| Vec::new());
         self.waiting.push_back(Sequence {
             index,
             prompt_len: req.prompt.len(),
@@ -262,6 +288,7 @@ impl Scheduler {
             detok: IncrementalDecoder::new(),
             text: String::new(),
             logprobs,
+            prompt_logprobs,
             ended_by_token: false,
             finished: None,
         });
@@ -497,13 +524,21 @@ impl Scheduler {
         let logits =
             forward_batch_invariant(model, backend, cache, &self.running, &chunks, &drafts)?;
         let mut rows = logits.rows.iter();
-        for ((seq, &n), draft) in self.running.iter_mut().zip(&chunks).zip(&drafts) {
+        let running = self.running.iter_mut().zip(&chunks).zip(&drafts);
+        for (k, ((seq, &n), draft)) in running.enumerate() {
             if n == 0 {
                 continue;
             }
             let was_prefill = n > 1 + draft.len() || seq.cached < seq.prompt_len;
             seq.cached += n;
             let rows = rows.next().expect("logits rows per sequence");
+            for &(first, from, count) in &logits.prompt_rows[k] {
+                for i in 0..count {
+                    if let RowOutput::Logits(row) = first.row(&logits, i) {
+                        seq.record_prompt_logprob(from + i, row);
+                    }
+                }
+            }
             if was_prefill {
                 stats.prefill_tokens += n;
             } else {
@@ -587,11 +622,13 @@ enum RowOutput<'a> {
     Greedy(u32),
 }
 
-/// The logits of one step: the rows of the two forward calls, and per sequence with a chunk
-/// where its rows are.
+/// The logits of one step: the rows of the two forward calls, per sequence with a chunk
+/// where its sampling rows are, and per running sequence the spans of rows it asked for to
+/// score its prompt: (first row, position of that row, rows).
 struct StepLogits {
     calls: [CallOutput; 2],
     rows: Vec<LogitsRows>,
+    prompt_rows: Vec<Vec<(LogitsRows, usize, usize)>>,
     vocab: usize,
 }
 
@@ -624,6 +661,7 @@ fn forward_batch_invariant(
     let mut logit_rows: [Vec<usize>; 2] = [Vec::new(), Vec::new()];
     let mut next_row = [0usize; 2];
     let mut last: Vec<Option<LogitsRows>> = vec![None; running.len()];
+    let mut prompt_rows = vec![Vec::new(); running.len()];
     for (k, (s, &n)) in running.iter().zip(chunks).enumerate() {
         if n == 0 {
             continue;
@@ -636,14 +674,25 @@ fn forward_batch_invariant(
         };
         for (call, (from, to)) in [(start, split), (split, end)].into_iter().enumerate() {
             if to > from {
-                let rows = if to == end {
+                let sample_rows = if to == end {
                     (1 + drafts[k].len()).min(to - from)
                 } else {
                     1
                 };
-                last[k] = Some(LogitsRows {
+                let first = LogitsRows {
                     call,
                     row: next_row[call],
+                };
+                // Scoring a prompt takes every row of its chunk; sampling uses the last ones.
+                let rows = if s.scores_prompt_from(from) {
+                    prompt_rows[k].push((first, from, to - from));
+                    to - from
+                } else {
+                    sample_rows
+                };
+                last[k] = Some(LogitsRows {
+                    call,
+                    row: next_row[call] + rows - sample_rows,
                 });
                 next_row[call] += rows;
                 logit_rows[call].push(rows);
@@ -678,6 +727,7 @@ fn forward_batch_invariant(
     Ok(StepLogits {
         calls,
         rows: last.into_iter().flatten().collect(),
+        prompt_rows,
         vocab: model.spec().vocab_size,
     })
 }

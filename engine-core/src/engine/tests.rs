@@ -763,7 +763,7 @@ fn logprobs_follow_every_generated_token() {
         let lps = g.logprobs.as_ref().expect("output logprobs");
         assert_eq!(g.token_ids, alone(&mut e, &plain[i]).token_ids);
         assert_eq!(g.token_ids, w.token_ids);
-        assert_eq!(lps.len(), g.token_ids.len());
+        assert_eq!(lps.len(), g.completion_tokens);
         assert_eq!(&streamed[i], lps);
         for (lp, w) in lps.iter().zip(w.logprobs.as_ref().unwrap()) {
             assert!((lp.logprob - w.logprob).abs() < 1e-4, "{lp:?} vs {w:?}");
@@ -780,5 +780,59 @@ fn logprobs_follow_every_generated_token() {
         }
     }
     assert!(plain.iter().all(|r| alone(&mut e, r).logprobs.is_none()));
+    assert_accounted(&e);
+}
+
+/// Prompt log-probabilities equal the log-softmax of a one-pass teacher-forced forward over
+/// the prompt, with chunked prefill and with requests preempting each other mid-prompt.
+#[test]
+fn prompt_logprobs_match_a_teacher_forced_pass() {
+    use crate::model::hf_dir_tests::logits_in_chunks;
+    use crate::sampling::TokenLogprobs;
+    let spec = tiny_spec(true);
+    let model = load_llama(&InMemory(random_weights(&spec, 7)), &spec).unwrap();
+    let mut e = tiny_engine(6, 16, 8);
+    e.set_max_prefill_tokens(16);
+    let reqs: Vec<Request> = [(70, 30), (71, 45), (72, 20)]
+        .into_iter()
+        .map(|(seed, len)| {
+            let mut r = request(seed, len, 12);
+            r.params.prompt_logprobs = Some(2);
+            r
+        })
+        .collect();
+    let outs = e.generate(reqs.clone(), &mut |_| {}).unwrap();
+    for (r, out) in reqs.iter().zip(&outs) {
+        let got = out
+            .prompt_logprobs
+            .as_ref()
+            .expect("asked for prompt logprobs");
+        assert_eq!(got.len(), r.prompt.len() - 1);
+        let reference = logits_in_chunks(&model, &r.prompt, &[r.prompt.len()], KvDtype::F32, 0);
+        let vocab = spec.vocab_size;
+        for (i, lp) in got.iter().enumerate() {
+            let row = &reference[i * vocab..(i + 1) * vocab];
+            let want = TokenLogprobs::from_logits(row, r.prompt[i + 1], 2);
+            assert_eq!(lp.token, r.prompt[i + 1]);
+            assert!(
+                (lp.logprob - want.logprob).abs() < 1e-4,
+                "{i}: {lp:?} vs {want:?}"
+            );
+            assert_eq!(lp.top.len(), 2);
+            for (a, b) in lp.top.iter().zip(&want.top) {
+                assert!((a.1 - b.1).abs() < 1e-4, "{i}: {lp:?} vs {want:?}");
+            }
+        }
+        // The generated tokens are what the request gets without prompt scoring.
+        let mut plain = r.clone();
+        plain.params.prompt_logprobs = None;
+        let alone = alone(&mut e, &plain);
+        assert_eq!(out.token_ids, alone.token_ids);
+        assert!(alone.prompt_logprobs.is_none());
+    }
+    assert!(
+        e.preemptions() > 0,
+        "the cache was meant to force preemption"
+    );
     assert_accounted(&e);
 }
