@@ -31,7 +31,7 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     s.check_model(&req.model)?;
-    let prompt = req.prompt()?;
+    let prompts = req.prompts()?;
     let mut generation = req
         .sampling
         .check(COMPLETIONS_DEFAULT_MAX_TOKENS, req.logprobs()?)?;
@@ -40,27 +40,27 @@ pub async fn completions(
         generation.params.prompt_logprobs = generation.params.logprobs;
     }
     let tok = s.engine.tokenizer();
-    let (ids, text) = match prompt {
-        Prompt::Text(t) => (tok.encode(&t, true)?, t),
-        Prompt::Tokens(ids) => {
-            let vocab = s.engine.info().vocab_size;
-            if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-                return Err(ApiError::invalid_param(
-                    "prompt",
-                    format!("token id {bad} is outside the vocabulary of {vocab}"),
-                ));
+    let vocab = s.engine.info().vocab_size;
+    let prompts = prompts
+        .into_iter()
+        .map(|prompt| match prompt {
+            Prompt::Text(text) => Ok(Prompted {
+                ids: tok.encode(&text, true)?,
+                text,
+            }),
+            Prompt::Tokens(ids) => {
+                if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                    return Err(ApiError::invalid_param(
+                        "prompt",
+                        format!("token id {bad} is outside the vocabulary of {vocab}"),
+                    ));
+                }
+                let text = tok.decode(&ids)?;
+                Ok(Prompted { ids, text })
             }
-            let text = tok.decode(&ids)?;
-            (ids, text)
-        }
-    };
-    let kind = Kind::Completion {
-        echo: echo.then(|| Echo {
-            text,
-            ids: ids.clone(),
-        }),
-    };
-    run(&s, ids, "prompt", generation, kind).await
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    run(&s, prompts, "prompt", generation, Kind::Completion { echo }).await
 }
 
 pub async fn chat(
@@ -72,39 +72,50 @@ pub async fn chat(
     // Without a limit a reply may fill the session.
     let generation = req.sampling.check(usize::MAX, req.logprobs()?)?;
     let tok = s.engine.tokenizer();
-    let ids = tok.encode(&apply_chat_template(tok, &messages)?, true)?;
-    run(&s, ids, "messages", generation, Kind::Chat).await
+    let text = apply_chat_template(tok, &messages)?;
+    let prompt = Prompted {
+        ids: tok.encode(&text, true)?,
+        text,
+    };
+    run(&s, vec![prompt], "messages", generation, Kind::Chat).await
 }
 
-/// Submits one engine request per choice and answers whole or as a stream.
+/// One prompt of a request: the tokens the engine runs and its text (what `echo` returns).
+struct Prompted {
+    ids: Vec<u32>,
+    text: String,
+}
+
+/// Submits one engine request per prompt and choice (choice `c` answers prompt `c / n`) and
+/// answers whole or as a stream.
 async fn run(
     s: &AppState,
-    prompt: Vec<u32>,
+    prompts: Vec<Prompted>,
     param: &str,
     g: Generation,
     kind: Kind,
 ) -> Result<Response, ApiError> {
     let session_len = s.engine.info().session_len;
-    if prompt.len() >= session_len {
+    if let Some(long) = prompts.iter().find(|p| p.ids.len() >= session_len) {
         return Err(ApiError::invalid_param(
             param,
             format!(
                 "This model's maximum context length is {session_len} tokens, and the prompt \
                  has {} tokens (at least one more must fit to generate).",
-                prompt.len()
+                long.ids.len()
             ),
         )
         .with_code("context_length_exceeded"));
     }
-    let mut choices = Vec::with_capacity(g.n);
-    for i in 0..g.n {
+    let mut choices = Vec::with_capacity(prompts.len() * g.n);
+    for (c, prompt) in (0..prompts.len() * g.n).map(|c| (c, &prompts[c / g.n])) {
         let mut params = g.params.clone();
-        params.seed = params.seed.wrapping_add(i as u64);
+        params.seed = params.seed.wrapping_add((c % g.n) as u64);
         // Dropping the streams already submitted (on an error here) cancels them.
         choices.push(
             s.engine
                 .submit(Request {
-                    prompt: prompt.clone(),
+                    prompt: prompt.ids.clone(),
                     params,
                     stop: g.stop.clone(),
                     ..Default::default()
@@ -119,6 +130,8 @@ async fn run(
         model: s.model.clone(),
         include_usage: g.include_usage,
         engine: s.engine.clone(),
+        prompts,
+        n: g.n,
     };
     if g.stream {
         Ok(sse(choices, reply).into_response())
@@ -150,7 +163,7 @@ fn sse(
     let reply = Arc::new(reply);
     let progress = Arc::new(Mutex::new(StreamProgress {
         text_offsets: vec![0; n],
-        usage: None,
+        usage: reply.prompt_usage(),
     }));
     let head: Vec<Value> = (0..n).filter_map(|i| reply.first_chunk(i)).collect();
     let (r, p) = (reply.clone(), progress.clone());
@@ -162,10 +175,11 @@ fn sse(
     )
     .flat_map(move |(i, e)| stream::iter(r.chunks(i, e, &p)));
     let usage = stream::once(async move {
-        let usage = progress.lock().map(|p| p.usage).unwrap_or(None);
-        (reply.include_usage)
-            .then(|| usage.map(|u| reply.usage_chunk(u)))
-            .flatten()
+        let usage = progress.lock().map(|p| p.usage);
+        match usage {
+            Ok(u) if reply.include_usage => Some(reply.usage_chunk(u)),
+            _ => None,
+        }
     })
     .filter_map(|c| async move { c });
     let data = |v: Value| Event::default().data(v.to_string());
@@ -179,13 +193,13 @@ fn sse(
 }
 
 /// What a stream has seen so far: where each completion choice's text has got to (for
-/// `text_offset`) and the usage of the choices that have finished.
+/// `text_offset`) and the usage so far (the prompts, the choices that have finished).
 struct StreamProgress {
     text_offsets: Vec<usize>,
-    usage: Option<Usage>,
+    usage: Usage,
 }
 
-/// Token counts of a response: the prompt once, the completions of every choice summed.
+/// Token counts of a response: each prompt once, the completions of every choice summed.
 #[derive(Debug, Clone, Copy, Default)]
 struct Usage {
     prompt_tokens: usize,
@@ -195,8 +209,8 @@ struct Usage {
 impl Usage {
     fn add(self, out: &GenerationOutput) -> Self {
         Self {
-            prompt_tokens: out.prompt_tokens,
             completion_tokens: self.completion_tokens + out.completion_tokens,
+            ..self
         }
     }
 
@@ -209,21 +223,14 @@ impl Usage {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     /// `echo`: the prompt goes before each choice's text (and its tokens before the
     /// log-probabilities).
     Completion {
-        echo: Option<Echo>,
+        echo: bool,
     },
     Chat,
-}
-
-/// The prompt a completion echoes, as text and as the tokens the engine ran.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Echo {
-    text: String,
-    ids: Vec<u32>,
 }
 
 impl Kind {
@@ -247,12 +254,23 @@ struct Reply {
     model: Arc<str>,
     include_usage: bool,
     engine: Arc<dyn AsyncEngine>,
+    prompts: Vec<Prompted>,
+    /// Choices per prompt.
+    n: usize,
 }
 
 /// OpenAI's stand-in for a log-probability of minus infinity (JSON has no infinities).
 const LOGPROB_FLOOR: f32 = -9999.0;
 
 impl Reply {
+    /// The usage before any choice has finished: every prompt's tokens.
+    fn prompt_usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompts.iter().map(|p| p.ids.len()).sum(),
+            completion_tokens: 0,
+        }
+    }
+
     /// The non-streamed body.
     fn whole(&self, outs: &[GenerationOutput]) -> Value {
         let choices: Vec<Value> = outs
@@ -268,15 +286,15 @@ impl Reply {
                         "finish_reason": reason,
                     }),
                     Kind::Completion { echo } => {
-                        let prompt = echo.as_ref().map(|e| (e, out.prompt_logprobs.as_deref()));
-                        let text = prompt.map_or(String::new(), |(e, _)| e.text.clone()) + &out.text;
+                        let prompt = echo.then(|| &self.prompts[index / self.n]);
+                        let text = prompt.map_or("", |p| &p.text).to_string() + &out.text;
                         let logprobs = out.logprobs.as_ref().map_or(Value::Null, |lp| {
                             let mut entries = Vec::new();
-                            if let Some((e, scored)) = prompt {
+                            if let Some(p) = prompt {
                                 // The first prompt token has nothing before it to be scored by.
-                                let scored = scored.unwrap_or_default().iter().map(Entry::Scored);
-                                entries.extend(e.ids.first().map(|&id| Entry::Unscored(id)));
-                                entries.extend(scored);
+                                entries.extend(p.ids.first().map(|&id| Entry::Unscored(id)));
+                                let scored = out.prompt_logprobs.as_deref().unwrap_or_default();
+                                entries.extend(scored.iter().map(Entry::Scored));
                             }
                             entries.extend(lp.iter().map(Entry::Scored));
                             self.completion_logprobs(&entries, 0)
@@ -291,7 +309,7 @@ impl Reply {
                 }
             })
             .collect();
-        let usage = outs.iter().fold(Usage::default(), |u, o| u.add(o));
+        let usage = outs.iter().fold(self.prompt_usage(), |u, o| u.add(o));
         json!({
             "id": self.id,
             "object": match self.kind {
@@ -393,8 +411,7 @@ impl Reply {
                 None => vec![self.chunk(self.choice(index, Some(&t.text), None, Value::Null))],
             },
             Ok(EngineEvent::Finished(out)) => {
-                let usage = progress.usage.unwrap_or_default().add(&out);
-                progress.usage = Some(usage);
+                progress.usage = progress.usage.add(&out);
                 let reason = out.finish_reason.as_str();
                 vec![self.chunk(self.choice(index, None, Some(reason), Value::Null))]
             }

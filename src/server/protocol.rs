@@ -12,6 +12,9 @@ use super::error::ApiError;
 /// The most choices (`n`) one request may ask for; each is a request of its own in the engine.
 pub const MAX_CHOICES: i64 = 16;
 
+/// The most engine requests (prompts × `n`) one completions request may make.
+pub const MAX_PROMPT_CHOICES: usize = 256;
+
 /// Sampling and streaming fields shared by both endpoints (OpenAI's names; `top_k`,
 /// `repetition_penalty` and `ignore_eos` are extensions, as in vLLM and LMDeploy).
 /// `logprobs` is read by each endpoint (an integer for completions, a flag for chat).
@@ -253,8 +256,9 @@ impl CompletionRequest {
         Ok(echo)
     }
 
-    /// The prompt, and the checks of fields this server does not implement.
-    pub fn prompt(&self) -> Result<Prompt, ApiError> {
+    /// The prompts (OpenAI takes a string, an array of strings, an array of token ids or an
+    /// array of such arrays), and the checks of fields this server does not implement.
+    pub fn prompts(&self) -> Result<Vec<Prompt>, ApiError> {
         if self.best_of.is_some_and(|b| b != 1) {
             return Err(ApiError::invalid_param("best_of", "best_of must be 1"));
         }
@@ -262,37 +266,40 @@ impl CompletionRequest {
             return Err(ApiError::invalid_param("suffix", "suffix is not supported"));
         }
         let bad = |m: &str| ApiError::invalid_param("prompt", m);
-        match &self.prompt {
-            Value::String(s) => Ok(Prompt::Text(s.clone())),
-            Value::Array(items) if items.is_empty() => Err(bad("prompt must not be empty")),
-            Value::Array(items) if items.iter().all(Value::is_string) => match items.as_slice() {
-                [one] => Ok(Prompt::Text(one.as_str().unwrap_or_default().to_string())),
-                _ => Err(bad("only one prompt per request is supported")),
-            },
-            Value::Array(items) if items.iter().all(Value::is_u64) => Ok(Prompt::Tokens(
-                items
-                    .iter()
-                    .map(|v| v.as_u64().unwrap_or(u64::MAX).min(u32::MAX as u64) as u32)
-                    .collect(),
-            )),
-            Value::Array(items) if items.len() == 1 && items[0].is_array() => {
-                let inner = CompletionRequest {
-                    model: String::new(),
-                    prompt: items[0].clone(),
-                    echo: None,
-                    best_of: None,
-                    suffix: None,
-                    sampling: SamplingFields::default(),
-                };
-                match inner.prompt()? {
-                    Prompt::Tokens(t) => Ok(Prompt::Tokens(t)),
-                    Prompt::Text(_) => Err(bad("a nested prompt must be token ids")),
-                }
-            }
-            _ => Err(bad(
-                "prompt must be a string, an array of one string, or an array of token ids",
-            )),
+        let shapes = "prompt must be a string, an array of strings, an array of token ids or \
+                      an array of such arrays";
+        let tokens = |items: &[Value]| -> Option<Vec<u32>> {
+            items
+                .iter()
+                .map(|v| v.as_u64().map(|t| t.min(u32::MAX as u64) as u32))
+                .collect()
+        };
+        let prompts = match &self.prompt {
+            Value::String(s) => vec![Prompt::Text(s.clone())],
+            Value::Array(items) if items.is_empty() => return Err(bad("prompt must not be empty")),
+            Value::Array(items) if items.iter().all(Value::is_string) => items
+                .iter()
+                .map(|v| Prompt::Text(v.as_str().unwrap_or_default().to_string()))
+                .collect(),
+            Value::Array(items) if items.iter().all(Value::is_array) => items
+                .iter()
+                .map(|v| match v.as_array().and_then(|a| tokens(a)) {
+                    Some(t) if !t.is_empty() => Ok(Prompt::Tokens(t)),
+                    _ => Err(bad(
+                        "a nested prompt must be a non-empty array of token ids",
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+            Value::Array(items) => vec![Prompt::Tokens(tokens(items).ok_or_else(|| bad(shapes))?)],
+            _ => return Err(bad(shapes)),
+        };
+        let choices = prompts.len() * self.sampling.n.unwrap_or(1).max(1) as usize;
+        if choices > MAX_PROMPT_CHOICES {
+            return Err(bad(&format!(
+                "at most {MAX_PROMPT_CHOICES} prompts times n per request, got {choices}"
+            )));
         }
+        Ok(prompts)
     }
 }
 
@@ -498,13 +505,28 @@ mod tests {
         let req = |p: &str| -> CompletionRequest {
             serde_json::from_str(&format!(r#"{{"model": "m", "prompt": {p}}}"#)).unwrap()
         };
-        assert!(matches!(req(r#""hi""#).prompt(), Ok(Prompt::Text(t)) if t == "hi"));
-        assert!(matches!(req(r#"["hi"]"#).prompt(), Ok(Prompt::Text(_))));
-        assert!(matches!(req("[1, 2]").prompt(), Ok(Prompt::Tokens(t)) if t == [1, 2]));
-        assert!(matches!(req("[[1, 2]]").prompt(), Ok(Prompt::Tokens(_))));
-        assert!(req(r#"["a", "b"]"#).prompt().is_err());
-        assert!(req("[]").prompt().is_err());
-        assert!(req("3").prompt().is_err());
+        let one = |p: &str| match req(p).prompts() {
+            Ok(mut v) if v.len() == 1 => v.remove(0),
+            other => panic!("{p}: {:?}", other.map(|v| v.len())),
+        };
+        assert!(matches!(one(r#""hi""#), Prompt::Text(t) if t == "hi"));
+        assert!(matches!(one(r#"["hi"]"#), Prompt::Text(_)));
+        assert!(matches!(one("[1, 2]"), Prompt::Tokens(t) if t == [1, 2]));
+        assert!(matches!(one("[[1, 2]]"), Prompt::Tokens(_)));
+        assert_eq!(req(r#"["a", "b"]"#).prompts().unwrap().len(), 2);
+        assert_eq!(req("[[1], [2, 3], [4]]").prompts().unwrap().len(), 3);
+        for bad in [
+            "[]",
+            "3",
+            "[[]]",
+            r#"[1, "a"]"#,
+            r#"[[1], "a"]"#,
+            "[[1, -2]]",
+        ] {
+            assert!(req(bad).prompts().is_err(), "{bad}");
+        }
+        let many = format!("[{}]", vec!["\"a\""; 257].join(", "));
+        assert!(req(&many).prompts().is_err());
         let chat: ChatRequest = serde_json::from_str(
             r#"{"model": "m", "messages": [{"role": "developer", "content": "Be brief."},
             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}"#,

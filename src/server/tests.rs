@@ -384,6 +384,65 @@ fn completions_logprobs_line_up_with_the_text() {
     });
 }
 
+/// Several prompts in one completions request: choice `c` answers prompt `c / n`, each as
+/// the prompt alone gets it, whole and streamed; usage counts every prompt once.
+#[test]
+fn completions_take_several_prompts() {
+    let Some(app) = app(&[]) else { return };
+    rt().block_on(async {
+        let prompts = ["The capital of France is", "The capital of Italy is"];
+        let body = |prompt: Value, extra: Value| {
+            let mut b = json!({"model": MODEL, "prompt": prompt, "max_tokens": 6,
+                "temperature": 0, "n": 2});
+            b.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            b
+        };
+        let mut alone = Vec::new();
+        let mut prompt_tokens = 0;
+        for p in prompts {
+            let (status, one) =
+                post(&app, "/v1/completions", body(json!(p), json!({"n": 1}))).await;
+            assert_eq!(status, StatusCode::OK, "{one}");
+            alone.push(one["choices"][0]["text"].as_str().unwrap().to_string());
+            prompt_tokens += one["usage"]["prompt_tokens"].as_u64().unwrap();
+        }
+        assert_ne!(alone[0], alone[1]);
+        let (status, both) = post(&app, "/v1/completions", body(json!(prompts), json!({}))).await;
+        assert_eq!(status, StatusCode::OK, "{both}");
+        let texts: Vec<&str> = both["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                assert_eq!(c["index"], i);
+                c["text"].as_str().unwrap()
+            })
+            .collect();
+        assert_eq!(texts, [&alone[0], &alone[0], &alone[1], &alone[1]]);
+        assert_eq!(both["usage"]["prompt_tokens"], prompt_tokens);
+
+        let stream = json!({"stream": true, "stream_options": {"include_usage": true}});
+        let (_, _, sse) = send(
+            &app,
+            Method::POST,
+            "/v1/completions",
+            &body(json!(prompts), stream).to_string(),
+            None,
+        )
+        .await;
+        let chunks = sse_chunks(&sse);
+        let mut streamed = vec![String::new(); 4];
+        for c in chunks.iter().flat_map(|c| c["choices"].as_array().unwrap()) {
+            streamed[c["index"].as_u64().unwrap() as usize] += c["text"].as_str().unwrap();
+        }
+        assert_eq!(streamed, texts);
+        assert_eq!(chunks.last().unwrap()["usage"], both["usage"]);
+    });
+}
+
 /// `echo` with `logprobs` scores the prompt, as evaluation harnesses use it: the first token
 /// unscored, every other one scored as it would be were it generated.
 #[test]

@@ -203,6 +203,12 @@ def test_choices_and_logprobs(a):
     lp = comp.choices[0].logprobs
     assert "".join(lp.tokens).startswith(comp.choices[0].text), lp
     assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == len(lp.tokens)
+    several = c.completions.create(model=MODEL, prompt=["The capital of France is",
+                                                        "The capital of Italy is"],
+                                   max_tokens=6, temperature=0)
+    assert [ch.index for ch in several.choices] == [0, 1], several
+    assert several.choices[0].text == c.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0).choices[0].text
     # A loglikelihood request as lm-evaluation-harness sends it: token ids, echo, one new token.
     ids = [504, 3575, 282, 4649, 314]
     scored = c.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0,
