@@ -39,6 +39,7 @@ pub async fn completions(
     if echo {
         generation.params.prompt_logprobs = generation.params.logprobs;
     }
+    let best_of = req.best_of(&generation)?;
     let tok = s.engine.tokenizer();
     let vocab = s.engine.info().vocab_size;
     let prompts = prompts
@@ -60,7 +61,8 @@ pub async fn completions(
             }
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    run(&s, prompts, "prompt", generation, Kind::Completion { echo }).await
+    let kind = Kind::Completion { echo };
+    run(&s, prompts, "prompt", generation, kind, best_of).await
 }
 
 pub async fn chat(
@@ -77,7 +79,8 @@ pub async fn chat(
         ids: tok.encode(&text, true)?,
         text,
     };
-    run(&s, vec![prompt], "messages", generation, Kind::Chat).await
+    let n = generation.n;
+    run(&s, vec![prompt], "messages", generation, Kind::Chat, n).await
 }
 
 /// One prompt of a request: the tokens the engine runs and its text (what `echo` returns).
@@ -86,14 +89,16 @@ struct Prompted {
     text: String,
 }
 
-/// Submits one engine request per prompt and choice (choice `c` answers prompt `c / n`) and
-/// answers whole or as a stream.
+/// Submits `candidates` engine requests per prompt (seeds `seed`, `seed + 1`, …), keeps the
+/// best `n` of each prompt's (all of them when `candidates == n`) so that choice `c` answers
+/// prompt `c / n`, and answers whole or as a stream.
 async fn run(
     s: &AppState,
     prompts: Vec<Prompted>,
     param: &str,
-    g: Generation,
+    mut g: Generation,
     kind: Kind,
+    candidates: usize,
 ) -> Result<Response, ApiError> {
     let session_len = s.engine.info().session_len;
     if let Some(long) = prompts.iter().find(|p| p.ids.len() >= session_len) {
@@ -107,10 +112,15 @@ async fn run(
         )
         .with_code("context_length_exceeded"));
     }
-    let mut choices = Vec::with_capacity(prompts.len() * g.n);
-    for (c, prompt) in (0..prompts.len() * g.n).map(|c| (c, &prompts[c / g.n])) {
+    // Ranking candidates needs their log-probabilities.
+    let logprobs_wanted = g.params.logprobs.is_some();
+    if candidates > g.n {
+        g.params.logprobs.get_or_insert(0);
+    }
+    let mut choices = Vec::with_capacity(prompts.len() * candidates);
+    for (c, prompt) in (0..prompts.len() * candidates).map(|c| (c, &prompts[c / candidates])) {
         let mut params = g.params.clone();
-        params.seed = params.seed.wrapping_add((c % g.n) as u64);
+        params.seed = params.seed.wrapping_add((c % candidates) as u64);
         // Dropping the streams already submitted (on an error here) cancels them.
         choices.push(
             s.engine
@@ -137,7 +147,36 @@ async fn run(
         Ok(sse(choices, reply).into_response())
     } else {
         let outs = futures::future::try_join_all(choices.into_iter().map(output)).await?;
-        Ok(Json(reply.whole(&outs)).into_response())
+        // Usage counts every candidate generated, as OpenAI's does.
+        let usage = outs.iter().fold(reply.prompt_usage(), |u, o| u.add(o));
+        let mut outs = best_of_each(outs, candidates, reply.n);
+        if !logprobs_wanted {
+            outs.iter_mut().for_each(|o| o.logprobs = None);
+        }
+        Ok(Json(reply.whole(&outs, usage)).into_response())
+    }
+}
+
+/// The `n` outputs of each run of `candidates` (one prompt's) with the highest total
+/// log-probability, best first (as vLLM ranks `best_of`); all of them, in order, when
+/// `candidates == n`.
+fn best_of_each(outs: Vec<GenerationOutput>, candidates: usize, n: usize) -> Vec<GenerationOutput> {
+    if candidates == n {
+        return outs;
+    }
+    let total = |o: &GenerationOutput| -> f64 {
+        let lps = o.logprobs.as_deref().unwrap_or_default();
+        lps.iter().map(|l| f64::from(l.logprob)).sum()
+    };
+    let mut outs = outs.into_iter();
+    let mut best = Vec::new();
+    loop {
+        let mut group: Vec<GenerationOutput> = outs.by_ref().take(candidates).collect();
+        if group.is_empty() {
+            return best;
+        }
+        group.sort_by(|a, b| total(b).total_cmp(&total(a)));
+        best.extend(group.into_iter().take(n));
     }
 }
 
@@ -272,7 +311,7 @@ impl Reply {
     }
 
     /// The non-streamed body.
-    fn whole(&self, outs: &[GenerationOutput]) -> Value {
+    fn whole(&self, outs: &[GenerationOutput], usage: Usage) -> Value {
         let choices: Vec<Value> = outs
             .iter()
             .enumerate()
@@ -309,7 +348,6 @@ impl Reply {
                 }
             })
             .collect();
-        let usage = outs.iter().fold(self.prompt_usage(), |u, o| u.add(o));
         json!({
             "id": self.id,
             "object": match self.kind {

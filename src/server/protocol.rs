@@ -256,12 +256,28 @@ impl CompletionRequest {
         Ok(echo)
     }
 
+    /// `best_of`: candidates generated per prompt, of which the `n` with the highest total
+    /// log-probability are returned (at least `n`, at most [`MAX_CHOICES`], not streamed).
+    pub fn best_of(&self, g: &Generation) -> Result<usize, ApiError> {
+        let Some(best_of) = self.best_of else {
+            return Ok(g.n);
+        };
+        let bad = |m: String| ApiError::invalid_param("best_of", m);
+        if best_of < g.n as i64 || best_of > MAX_CHOICES {
+            return Err(bad(format!(
+                "best_of must be between n ({}) and {MAX_CHOICES}, got {best_of}",
+                g.n
+            )));
+        }
+        if g.stream && best_of as usize > g.n {
+            return Err(bad("best_of greater than n cannot be streamed".into()));
+        }
+        Ok(best_of as usize)
+    }
+
     /// The prompts (OpenAI takes a string, an array of strings, an array of token ids or an
     /// array of such arrays), and the checks of fields this server does not implement.
     pub fn prompts(&self) -> Result<Vec<Prompt>, ApiError> {
-        if self.best_of.is_some_and(|b| b != 1) {
-            return Err(ApiError::invalid_param("best_of", "best_of must be 1"));
-        }
         if self.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::invalid_param("suffix", "suffix is not supported"));
         }
@@ -293,10 +309,11 @@ impl CompletionRequest {
             Value::Array(items) => vec![Prompt::Tokens(tokens(items).ok_or_else(|| bad(shapes))?)],
             _ => return Err(bad(shapes)),
         };
-        let choices = prompts.len() * self.sampling.n.unwrap_or(1).max(1) as usize;
+        let per_prompt = self.sampling.n.max(self.best_of).unwrap_or(1).max(1) as usize;
+        let choices = prompts.len() * per_prompt;
         if choices > MAX_PROMPT_CHOICES {
             return Err(bad(&format!(
-                "at most {MAX_PROMPT_CHOICES} prompts times n per request, got {choices}"
+                "at most {MAX_PROMPT_CHOICES} prompts times n (or best_of) per request, got {choices}"
             )));
         }
         Ok(prompts)

@@ -443,6 +443,74 @@ fn completions_take_several_prompts() {
     });
 }
 
+/// `best_of` returns the `n` of its candidates with the highest total log-probability, best
+/// first: the same candidates `n = best_of` returns (same seeds), ranked.
+#[test]
+fn completions_best_of_keeps_the_most_likely_candidates() {
+    let Some(app) = app(&[]) else { return };
+    rt().block_on(async {
+        let body = |extra: Value| {
+            let mut b = json!({"model": MODEL, "prompt": "My favourite colour is",
+                "max_tokens": 8, "temperature": 1.2, "seed": 3});
+            b.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            b
+        };
+        let (status, all) = post(
+            &app,
+            "/v1/completions",
+            body(json!({"n": 4, "logprobs": 0})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{all}");
+        let mut ranked: Vec<(f64, String)> = all["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let total = c["logprobs"]["token_logprobs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|l| l.as_f64().unwrap())
+                    .sum();
+                (total, c["text"].as_str().unwrap().to_string())
+            })
+            .collect();
+        ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+        assert!(
+            ranked[0].0 > ranked[3].0,
+            "the candidates differ: {ranked:?}"
+        );
+        let (status, best) =
+            post(&app, "/v1/completions", body(json!({"n": 2, "best_of": 4}))).await;
+        assert_eq!(status, StatusCode::OK, "{best}");
+        let texts: Vec<&str> = best["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                assert!(c["logprobs"].is_null(), "{c}");
+                c["text"].as_str().unwrap()
+            })
+            .collect();
+        assert_eq!(texts, [&ranked[0].1, &ranked[1].1]);
+        // Every candidate's tokens count.
+        assert_eq!(best["usage"], all["usage"]);
+
+        for (extra, what) in [
+            (json!({"n": 2, "best_of": 1}), "best_of below n"),
+            (json!({"best_of": 17}), "best_of above 16"),
+            (json!({"best_of": 2, "stream": true}), "streamed best_of"),
+        ] {
+            let (status, e) = post(&app, "/v1/completions", body(extra)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {e}");
+            assert_eq!(e["error"]["param"], "best_of", "{what}");
+        }
+    });
+}
+
 /// `echo` with `logprobs` scores the prompt, as evaluation harnesses use it: the first token
 /// unscored, every other one scored as it would be were it generated.
 #[test]
