@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use engine_core::chat::apply_chat_template;
 use engine_core::engine::{
-    AsyncEngine, EngineEvent, EventResult, EventStream, GenerationOutput, Request,
+    AsyncEngine, EngineEvent, EventResult, EventStream, GenerationOutput, Request, TokenEvent,
 };
 use engine_core::sampling::TokenLogprobs;
 
@@ -35,7 +35,7 @@ pub async fn completions(
     let mut generation = req
         .sampling
         .check(COMPLETIONS_DEFAULT_MAX_TOKENS, req.logprobs()?)?;
-    let echo = req.echo(generation.stream)?;
+    let echo = req.echo();
     if echo {
         generation.params.prompt_logprobs = generation.params.logprobs;
     }
@@ -202,6 +202,7 @@ fn sse(
     let reply = Arc::new(reply);
     let progress = Arc::new(Mutex::new(StreamProgress {
         text_offsets: vec![0; n],
+        echoed: vec![false; n],
         usage: reply.prompt_usage(),
     }));
     let head: Vec<Value> = (0..n).filter_map(|i| reply.first_chunk(i)).collect();
@@ -235,6 +236,8 @@ fn sse(
 /// `text_offset`) and the usage so far (the prompts, the choices that have finished).
 struct StreamProgress {
     text_offsets: Vec<usize>,
+    /// Whether each choice has sent its echo of the prompt (with its first token).
+    echoed: Vec<bool>,
     usage: Usage,
 }
 
@@ -330,10 +333,8 @@ impl Reply {
                         let logprobs = out.logprobs.as_ref().map_or(Value::Null, |lp| {
                             let mut entries = Vec::new();
                             if let Some(p) = prompt {
-                                // The first prompt token has nothing before it to be scored by.
-                                entries.extend(p.ids.first().map(|&id| Entry::Unscored(id)));
                                 let scored = out.prompt_logprobs.as_deref().unwrap_or_default();
-                                entries.extend(scored.iter().map(Entry::Scored));
+                                entries = prompt_entries(p, scored);
                             }
                             entries.extend(lp.iter().map(Entry::Scored));
                             self.completion_logprobs(&entries, 0)
@@ -432,22 +433,14 @@ impl Reply {
             return vec![ApiError::internal("stream state poisoned").body()];
         };
         match event {
-            Ok(EngineEvent::Token(t)) => match &t.logprobs {
-                // Every token's log-probabilities are sent, even while its text is held back.
-                Some(lp) => {
-                    let offset = progress.text_offsets[index];
-                    let logprobs = match self.kind {
-                        Kind::Chat => self.chat_logprobs(std::slice::from_ref(lp)),
-                        Kind::Completion { .. } => {
-                            self.completion_logprobs(&[Entry::Scored(lp)], offset)
-                        }
-                    };
-                    progress.text_offsets[index] += self.token_text(lp.token).chars().count();
-                    vec![self.chunk(self.choice(index, Some(&t.text), None, logprobs))]
+            Ok(EngineEvent::Token(t)) => {
+                let mut chunks = Vec::new();
+                if self.kind == (Kind::Completion { echo: true }) && !progress.echoed[index] {
+                    chunks.push(self.echo_chunk(index, &t, &mut progress));
                 }
-                None if t.text.is_empty() => Vec::new(),
-                None => vec![self.chunk(self.choice(index, Some(&t.text), None, Value::Null))],
-            },
+                chunks.extend(self.token_chunk(index, &t, &mut progress));
+                chunks
+            }
             Ok(EngineEvent::Finished(out)) => {
                 progress.usage = progress.usage.add(&out);
                 let reason = out.finish_reason.as_str();
@@ -456,6 +449,45 @@ impl Reply {
             // Headers are sent: the error goes in the stream, as OpenAI-compatible servers do.
             Err(e) => vec![ApiError::from(e).body()],
         }
+    }
+
+    /// The echo of choice `index`'s prompt, sent with its first token (whose event carries
+    /// the prompt's log-probabilities).
+    fn echo_chunk(&self, index: usize, first: &TokenEvent, progress: &mut StreamProgress) -> Value {
+        progress.echoed[index] = true;
+        let prompt = &self.prompts[index / self.n];
+        let logprobs = match (&first.logprobs, &first.prompt_logprobs) {
+            (Some(_), Some(scored)) => self.completion_logprobs(&prompt_entries(prompt, scored), 0),
+            _ => Value::Null,
+        };
+        progress.text_offsets[index] = prompt
+            .ids
+            .iter()
+            .map(|&id| self.token_text(id).chars().count())
+            .sum();
+        self.chunk(self.choice(index, Some(&prompt.text), None, logprobs))
+    }
+
+    /// The chunk a generated token becomes: its text and, when asked for, its
+    /// log-probabilities (sent even while its text is held back); none for held-back text
+    /// without them.
+    fn token_chunk(
+        &self,
+        index: usize,
+        t: &TokenEvent,
+        progress: &mut StreamProgress,
+    ) -> Option<Value> {
+        let Some(lp) = &t.logprobs else {
+            return (!t.text.is_empty())
+                .then(|| self.chunk(self.choice(index, Some(&t.text), None, Value::Null)));
+        };
+        let offset = progress.text_offsets[index];
+        let logprobs = match self.kind {
+            Kind::Chat => self.chat_logprobs(std::slice::from_ref(lp)),
+            Kind::Completion { .. } => self.completion_logprobs(&[Entry::Scored(lp)], offset),
+        };
+        progress.text_offsets[index] += self.token_text(lp.token).chars().count();
+        Some(self.chunk(self.choice(index, Some(&t.text), None, logprobs)))
     }
 
     /// How the tokenizer spells one token (special tokens included).
@@ -513,6 +545,16 @@ impl Reply {
             "text_offset": offsets,
         })
     }
+}
+
+/// An echoed prompt's log-probability entries: its first token unscored (nothing before it to
+/// score it), then the scored ones.
+fn prompt_entries<'a>(prompt: &Prompted, scored: &'a [TokenLogprobs]) -> Vec<Entry<'a>> {
+    let first = prompt.ids.first().map(|&id| Entry::Unscored(id));
+    first
+        .into_iter()
+        .chain(scored.iter().map(Entry::Scored))
+        .collect()
 }
 
 /// One token of a completion's log-probabilities: scored, or the echoed prompt's first token

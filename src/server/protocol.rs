@@ -244,16 +244,9 @@ impl CompletionRequest {
     }
 
     /// `echo`: whether each choice's text starts with the prompt (and, with `logprobs`,
-    /// its log-probabilities with the prompt's). Streamed answers do not echo.
-    pub fn echo(&self, stream: bool) -> Result<bool, ApiError> {
-        let echo = self.echo.unwrap_or(false);
-        if echo && stream {
-            return Err(ApiError::invalid_param(
-                "echo",
-                "echo is supported only without stream",
-            ));
-        }
-        Ok(echo)
+    /// its log-probabilities with the prompt's; streamed, in a chunk before the first token's).
+    pub fn echo(&self) -> bool {
+        self.echo.unwrap_or(false)
     }
 
     /// `best_of`: candidates generated per prompt, of which the `n` with the highest total

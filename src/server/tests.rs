@@ -580,11 +580,33 @@ fn completions_echo_scores_the_prompt() {
             .collect();
         assert_eq!(text, format!("{context}{next}"));
 
+        // Streamed, the echo comes first, and the chunks add up to the whole answer.
         let mut stream = body(json!(scored), true);
         stream["stream"] = json!(true);
-        let (status, e) = post(&app, "/v1/completions", stream).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert_eq!(e["error"]["param"], "echo");
+        let (status, _, sse) = send(
+            &app,
+            Method::POST,
+            "/v1/completions",
+            &stream.to_string(),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let chunks = sse_chunks(&sse);
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["text"].as_str())
+            .collect();
+        assert_eq!(text, c["text"].as_str().unwrap());
+        for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+            let streamed: Vec<Value> = chunks
+                .iter()
+                .map(|c| &c["choices"][0]["logprobs"])
+                .filter(|l| !l.is_null())
+                .flat_map(|l| l[key].as_array().unwrap().clone())
+                .collect();
+            assert_eq!(streamed, *lp[key].as_array().unwrap(), "{key}");
+        }
     });
 }
 

@@ -70,4 +70,7 @@ pub struct TokenEvent {
     pub finished: Option<FinishReason>,
     /// With `params.logprobs`: the token's log-probability and the top alternatives.
     pub logprobs: Option<TokenLogprobs>,
+    /// With `params.prompt_logprobs`, on the first generated token's event: the prompt's
+    /// log-probabilities (as in [`GenerationOutput::prompt_logprobs`]), for streaming echo.
+    pub prompt_logprobs: Option<Vec<TokenLogprobs>>,
 }

@@ -178,6 +178,12 @@ impl Sequence {
             text,
             finished,
             logprobs,
+            // The prompt is scored once its prefill is done, which the first token follows.
+            prompt_logprobs: if self.generated() == 1 {
+                self.prompt_logprobs.clone()
+            } else {
+                None
+            },
         })
     }
 

@@ -801,12 +801,20 @@ fn prompt_logprobs_match_a_teacher_forced_pass() {
             r
         })
         .collect();
-    let outs = e.generate(reqs.clone(), &mut |_| {}).unwrap();
-    for (r, out) in reqs.iter().zip(&outs) {
+    // The first token's event carries the prompt's log-probabilities, later ones none.
+    let mut on_events = vec![Vec::new(); reqs.len()];
+    let outs = e
+        .generate(reqs.clone(), &mut |ev| {
+            on_events[ev.request].push(ev.prompt_logprobs.clone())
+        })
+        .unwrap();
+    for ((r, out), events) in reqs.iter().zip(&outs).zip(&on_events) {
         let got = out
             .prompt_logprobs
             .as_ref()
             .expect("asked for prompt logprobs");
+        assert_eq!(events[0].as_ref(), Some(got));
+        assert!(events[1..].iter().all(Option::is_none));
         assert_eq!(got.len(), r.prompt.len() - 1);
         let reference = logits_in_chunks(&model, &r.prompt, &[r.prompt.len()], KvDtype::F32, 0);
         let vocab = spec.vocab_size;
