@@ -68,6 +68,10 @@ pub struct EngineSection {
     /// every position reads its last `recent_window` tokens from there instead of through the
     /// codec (the previous tokens carry most of a low-bit codec's loss). 0 turns it off.
     pub recent_window: usize,
+    /// Reuse the cache blocks of a prompt prefix an earlier request computed (LMDeploy's and
+    /// vLLM's automatic prefix caching): full blocks are indexed by their token prefix and
+    /// kept, when no request holds them, until their room is needed.
+    pub enable_prefix_caching: bool,
 }
 
 impl Default for EngineSection {
@@ -84,6 +88,7 @@ impl Default for EngineSection {
             session_len: 8192,
             tp: 1,
             recent_window: 0,
+            enable_prefix_caching: false,
         }
     }
 }
@@ -337,6 +342,13 @@ impl EngineConfig {
                 &format!("must be at most {MAX_RECENT_WINDOW} tokens"),
             ));
         }
+        if e.recent_window > 0 && e.enable_prefix_caching {
+            return Err(ConfigError::Parse(format!(
+                "engine.recent_window = {} cannot be combined with engine.enable_prefix_caching: \
+                 a shared prefix's tokens were never in this request's window",
+                e.recent_window
+            )));
+        }
         if e.recent_window > 0 && self.speculative.is_some() {
             return Err(ConfigError::Parse(format!(
                 "engine.recent_window = {} cannot be combined with speculative decoding yet",
@@ -426,6 +438,14 @@ num_speculative_tokens = 4
         let c = EngineConfig::from_toml_str("").unwrap();
         assert_eq!(c.engine.block_size, 64);
         assert_eq!(c.codec_choice().unwrap(), CodecChoice::None);
+    }
+
+    #[test]
+    fn prefix_caching_parses_and_refuses_a_recent_window() {
+        let on = "[engine]\nenable_prefix_caching = true\n";
+        assert!(EngineConfig::from_toml_str(on).unwrap().engine.enable_prefix_caching);
+        let err = EngineConfig::from_toml_str(&format!("{on}recent_window = 16\n")).unwrap_err();
+        assert!(err.to_string().contains("enable_prefix_caching"), "{err}");
     }
 
     #[test]

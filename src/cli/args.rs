@@ -45,6 +45,10 @@ pub struct EngineArgs {
     /// position reads them instead of the codec's bytes (engine.recent_window).
     #[arg(long = "recent-window")]
     pub recent_window: Option<usize>,
+    /// Reuse the cache blocks of prompt prefixes earlier requests computed
+    /// (engine.enable_prefix_caching).
+    #[arg(long = "enable-prefix-caching")]
+    pub enable_prefix_caching: bool,
     /// Speculative decoding with n-gram (prompt lookup) drafts: draft tokens verified per
     /// decoding request and step (1..=16; 0 turns off a `[speculative]` section of the
     /// config). Outputs are unchanged; acceptance is reported. Not with pytorch policy 42.
@@ -111,6 +115,9 @@ impl EngineArgs {
         }
         if let Some(v) = self.recent_window {
             e.recent_window = v;
+        }
+        if self.enable_prefix_caching {
+            e.enable_prefix_caching = true;
         }
         match self.speculative_num_draft_tokens {
             Some(0) => cfg.speculative = None,

@@ -47,14 +47,15 @@ fn parse_config(base: &EngineConfig, s: &str) -> Result<EngineConfig, KvqError> 
         KvqError::InvalidArgument(format!(
             "--configs entry `{s}`: {why}; write BACKEND:POLICY or \
              BACKEND:k=SIDE,v=SIDE[,rotate][,first=N,last=N,ek=SIDE,ev=SIDE], either with an \
-             optional ,window=N (engine.recent_window) and ,tp=N (GPUs, engine.tp)"
+             optional ,window=N (engine.recent_window), ,tp=N (GPUs, engine.tp) and \
+             ,prefix-caching (engine.enable_prefix_caching)"
         ))
     };
     let (backend, rest) = s.split_once(':').ok_or_else(|| bad("no `:`"))?;
     let mut c = base.clone();
     c.engine.backend = backend.to_string();
     c.cache = None;
-    // `window=N` and `tp=N` go with either form; the rest names the codec.
+    // `window=N`, `tp=N` and `prefix-caching` go with either form; the rest names the codec.
     let mut items = Vec::new();
     for item in rest.split(',') {
         let number = |n: &str, what: &str| {
@@ -65,6 +66,8 @@ fn parse_config(base: &EngineConfig, s: &str) -> Result<EngineConfig, KvqError> 
             c.engine.recent_window = number(n, "a token count")?;
         } else if let Some(n) = item.strip_prefix("tp=") {
             c.engine.tp = number(n, "a GPU count")?;
+        } else if item == "prefix-caching" {
+            c.engine.enable_prefix_caching = true;
         } else {
             items.push(item);
         }
@@ -130,6 +133,9 @@ mod tests {
         assert_eq!((got[0].engine.tp, got[0].engine.recent_window), (2, 0));
         assert_eq!((got[1].engine.tp, got[1].engine.recent_window), (4, 16));
         assert!(got[1].cache.is_some());
+        let list = ["pytorch:8,prefix-caching,pytorch:k=int8,v=int8,prefix-caching".to_string()];
+        let (_, got) = parse_configs(&base, &list, &[]).unwrap();
+        assert!(got.iter().all(|c| c.engine.enable_prefix_caching));
         let err = parse_configs(&base, &["pytorch:8,tp=two".to_string()], &[])
             .unwrap_err()
             .to_string();

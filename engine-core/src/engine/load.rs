@@ -35,7 +35,7 @@ pub struct Engine {
     pub plan: MemoryPlan,
     /// The host cache; with a device runner it has no blocks (the K/V lives on the device).
     cache: PagedKvCache,
-    pool: BlockPool,
+    pub(super) pool: BlockPool,
     pub(super) sched: Scheduler,
     preempted: u64,
     /// A device runner that replaces `model` for forward passes, with its device's name.
@@ -254,7 +254,8 @@ impl Engine {
         plan: MemoryPlan,
     ) -> Self {
         let cache = resolved.new_cache(plan.num_blocks);
-        let pool = BlockPool::new(plan.num_blocks);
+        let pool =
+            BlockPool::with_prefix_caching(plan.num_blocks, config.engine.enable_prefix_caching);
         let limits = SchedulerLimits {
             max_batch_size: config.engine.max_batch_size,
             session_len: config

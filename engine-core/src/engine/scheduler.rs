@@ -22,7 +22,7 @@ use super::ngram;
 use super::request::{FinishReason, GenerationOutput, Request, TokenEvent};
 use super::stop::StopMatcher;
 use crate::backend::AttentionBackend;
-use crate::cache::{BlockPool, BlockTable, PagedKvCache, RecentWindow};
+use crate::cache::{BlockPool, BlockTable, PagedKvCache, PrefixKey, RecentWindow};
 use crate::error::KvqError;
 use crate::loader::Tokenizer;
 use crate::model::{ForwardPass, SeqInput};
@@ -50,6 +50,10 @@ struct Sequence {
     /// Tokens whose K/V are in the cache.
     cached: usize,
     table: BlockTable,
+    /// Prefix-cache keys of the first full blocks of `tokens` (computed as needed).
+    block_keys: Vec<PrefixKey>,
+    /// Blocks of `table` already indexed in the pool's prefix cache.
+    registered: usize,
     /// The recent window (`engine.recent_window`) while running: given on admission, dropped
     /// on preemption (the recompute rebuilds it), so only running sequences hold one, as the
     /// planner reserved.
@@ -82,6 +86,34 @@ impl Sequence {
         self.prompt_logprobs
             .as_ref()
             .is_some_and(|lp| lp.len() + 1 < self.prompt_len && from + 1 < self.prompt_len)
+    }
+
+    /// With prefix caching, starts an empty table with the cached blocks of this sequence's
+    /// longest cached prefix and counts their tokens as computed; at least one token is left
+    /// to compute (its logits are needed). A request still to score its prompt takes none:
+    /// it needs every prompt row.
+    fn share_cached_prefix(&mut self, pool: &mut BlockPool, block_size: usize) {
+        if !pool.caches_prefixes() || !self.table.blocks.is_empty() || self.scores_prompt_from(0) {
+            return;
+        }
+        let blocks = (self.tokens.len() - 1) / block_size;
+        PrefixKey::extend(&mut self.block_keys, &self.tokens, block_size, blocks);
+        let shared = self.table.share_prefix(pool, &self.block_keys[..blocks]);
+        self.cached = shared * block_size;
+        self.registered = shared;
+    }
+
+    /// Indexes the blocks that are now full of computed K/V in the pool's prefix cache.
+    fn register_full_blocks(&mut self, pool: &mut BlockPool, block_size: usize) {
+        if !pool.caches_prefixes() {
+            return;
+        }
+        let full = self.cached / block_size;
+        PrefixKey::extend(&mut self.block_keys, &self.tokens, block_size, full);
+        for i in self.registered..full {
+            pool.register(self.table.blocks[i], self.block_keys[i]);
+        }
+        self.registered = self.registered.max(full);
     }
 
     /// Records the log-probability of the prompt token after position `pos` from that
@@ -287,6 +319,8 @@ impl Scheduler {
             tokens: req.prompt,
             cached: 0,
             table: BlockTable::default(),
+            block_keys: Vec::new(),
+            registered: 0,
             window: None,
             sampler: Sampler::new(req.params),
             stop_ids: req.stop_ids,
@@ -330,12 +364,15 @@ impl Scheduler {
 
     /// Blocks held by waiting and running sequences (for accounting checks).
     #[cfg(test)]
+    /// Distinct blocks the sequences hold (a shared prefix block counts once).
     pub(super) fn held_blocks(&self) -> usize {
-        self.waiting
+        let held: std::collections::HashSet<u32> = self
+            .waiting
             .iter()
             .chain(&self.running)
-            .map(|s| s.table.blocks.len())
-            .sum()
+            .flat_map(|s| s.table.blocks.iter().copied())
+            .collect();
+        held.len()
     }
 
     /// Tokens and blocks of each running sequence (for accounting checks).
@@ -385,16 +422,23 @@ impl Scheduler {
 
     /// Admits waiting sequences while blocks and batch slots allow (first come, first served:
     /// a request that does not fit blocks the ones behind it).
-    fn admit(&mut self, pool: &mut BlockPool, block_size: usize) {
+    fn admit(&mut self, pool: &mut BlockPool, block_size: usize) -> Result<(), KvqError> {
         while self.running.len() < self.limits.max_batch_size {
             let Some(seq) = self.waiting.front_mut() else {
                 break;
             };
+            // A recent window must see every token computed: no sharing with one.
+            if self.window.is_none() {
+                seq.share_cached_prefix(pool, block_size);
+            }
             if seq
                 .table
                 .reserve(pool, seq.tokens.len() + 1, block_size)
                 .is_err()
             {
+                // Give shared blocks back: they are taken again when it fits.
+                seq.table.release_all(pool)?;
+                (seq.cached, seq.registered) = (0, 0);
                 break;
             }
             let mut seq = self.waiting.pop_front().expect("front exists");
@@ -405,6 +449,7 @@ impl Scheduler {
                 .map(|w| Mutex::new(w.with_device_slot(slot)));
             self.running.push(seq);
         }
+        Ok(())
     }
 
     /// The lowest device window slot no running sequence holds (fewer than `max_batch_size`
@@ -430,7 +475,7 @@ impl Scheduler {
     fn preempt_last(&mut self, pool: &mut BlockPool) -> Result<(), KvqError> {
         let mut seq = self.running.pop().expect("a running sequence");
         seq.table.release_all(pool)?;
-        seq.cached = 0;
+        (seq.cached, seq.registered) = (0, 0);
         seq.window = None;
         self.waiting.push_front(seq);
         Ok(())
@@ -477,7 +522,7 @@ impl Scheduler {
     ) -> Result<StepStats, KvqError> {
         let block_size = cache.block_size();
         let mut stats = StepStats::default();
-        self.admit(pool, block_size);
+        self.admit(pool, block_size)?;
         // Every running sequence needs room for its pending tokens.
         let mut i = 0;
         while i < self.running.len() {
@@ -581,6 +626,9 @@ impl Scheduler {
             if !draft.is_empty() {
                 seq.table.truncate(pool, seq.cached, block_size)?;
             }
+        }
+        for seq in &mut self.running {
+            seq.register_full_blocks(pool, block_size);
         }
         let (done, still): (Vec<_>, Vec<_>) =
             self.running.drain(..).partition(|s| s.finished.is_some());

@@ -29,6 +29,13 @@ fn tiny_engine(num_blocks: usize, block_size: usize, max_batch_size: usize) -> E
     tiny_engine_with(num_blocks, block_size, max_batch_size, KvDtype::F32, 0)
 }
 
+/// A tiny engine of `num_blocks` blocks of 16 tokens with prefix caching on.
+fn tiny_engine_caching_prefixes(num_blocks: usize, cache_dtype: KvDtype) -> Engine {
+    let mut config = EngineConfig::default();
+    config.engine.enable_prefix_caching = true;
+    tiny_engine_from(num_blocks, 16, 8, cache_dtype, 0, config)
+}
+
 /// [`tiny_engine`] with the cache in `cache_dtype` and an f32 recent window of `window`.
 fn tiny_engine_with(
     num_blocks: usize,
@@ -36,6 +43,26 @@ fn tiny_engine_with(
     max_batch_size: usize,
     cache_dtype: KvDtype,
     window: usize,
+) -> Engine {
+    let config = EngineConfig::default();
+    tiny_engine_from(
+        num_blocks,
+        block_size,
+        max_batch_size,
+        cache_dtype,
+        window,
+        config,
+    )
+}
+
+/// [`tiny_engine_with`] from `config` (its `[engine]` block size and batch size are set here).
+fn tiny_engine_from(
+    num_blocks: usize,
+    block_size: usize,
+    max_batch_size: usize,
+    cache_dtype: KvDtype,
+    window: usize,
+    mut config: EngineConfig,
 ) -> Engine {
     let spec = tiny_spec(true);
     let model = load_llama(&InMemory(random_weights(&spec, 7)), &spec).unwrap();
@@ -61,7 +88,6 @@ fn tiny_engine_with(
     };
     let plan = resolved.plan_exact((num_blocks * resolved.layout.block_bytes()) as u64);
     assert_eq!(plan.num_blocks, num_blocks);
-    let mut config = EngineConfig::default();
     config.engine.block_size = block_size;
     config.engine.max_batch_size = max_batch_size;
     Engine::from_parts(config, spec, model, tokenizer, resolved, plan)
@@ -843,4 +869,85 @@ fn prompt_logprobs_match_a_teacher_forced_pass() {
         "the cache was meant to force preemption"
     );
     assert_accounted(&e);
+}
+
+/// Requests of prompts that share a prefix of `shared` tokens, then 3 tokens of their own.
+fn requests_sharing_a_prefix(shared: usize, count: u64, new_tokens: usize) -> Vec<Request> {
+    let prefix = request(90, shared, new_tokens).prompt;
+    (0..count)
+        .map(|i| {
+            let mut r = request(100 + i, 3, new_tokens);
+            r.prompt = [prefix.clone(), r.prompt].concat();
+            r
+        })
+        .collect()
+}
+
+/// Runs `reqs` one after another; returns the outputs and the prompt tokens computed.
+fn one_by_one(e: &mut Engine, reqs: &[Request]) -> (Vec<GenerationOutput>, usize) {
+    let mut prefilled = 0;
+    let outs = reqs
+        .iter()
+        .map(|r| {
+            let id = e.submit(r.clone()).unwrap();
+            let mut events = Vec::new();
+            loop {
+                prefilled += e.step(&mut events).unwrap().prefill_tokens;
+                if let Some((_, out)) = e.take_finished().into_iter().find(|(i, _)| *i == id) {
+                    return out;
+                }
+            }
+        })
+        .collect();
+    (outs, prefilled)
+}
+
+/// With prefix caching a request whose prompt starts like an earlier one's computes only the
+/// blocks after the common full blocks, and gets the same tokens as without the cache (f32
+/// weights: every path computes the same K/V), over an f32 and an f16 cache.
+#[test]
+fn prefix_caching_skips_shared_blocks_and_keeps_the_tokens() {
+    for dtype in [KvDtype::F32, KvDtype::F16] {
+        let reqs = requests_sharing_a_prefix(40, 3, 8);
+        let (want, plain_prefill) = one_by_one(&mut tiny_engine_with(12, 16, 8, dtype, 0), &reqs);
+        let mut e = tiny_engine_caching_prefixes(12, dtype);
+        let (got, cached_prefill) = one_by_one(&mut e, &reqs);
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g.token_ids, w.token_ids, "{dtype:?}");
+        }
+        // 43-token prompts: the first computes all of them, the others skip two full blocks.
+        assert_eq!(plain_prefill, 3 * 43);
+        assert_eq!(cached_prefill, 43 + 2 * (43 - 32));
+        // 51 tokens each, 50 with K/V: the two shared blocks stay cached, and each request's
+        // own full third block too.
+        assert_eq!(e.pool.num_cached_idle(), 2 + 3);
+        assert_accounted(&e);
+    }
+}
+
+/// Concurrent requests sharing a prefix in a cache too small for all of them: shared blocks,
+/// preemption and eviction of idle cached blocks leave every block accounted for, and each
+/// request gets the tokens it gets alone without the cache.
+#[test]
+fn prefix_caching_survives_preemption_and_eviction() {
+    let mut e = tiny_engine_caching_prefixes(8, KvDtype::F32);
+    let mut plain = tiny_engine(8, 16, 8);
+    let mut reqs = requests_sharing_a_prefix(33, 4, 30);
+    reqs.extend(requests_sharing_a_prefix(20, 2, 30));
+    let want: Vec<_> = reqs
+        .iter()
+        .map(|r| alone(&mut plain, r).token_ids)
+        .collect();
+    for round in 0..2 {
+        let got = e.generate(reqs.clone(), &mut |_| {}).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(&g.token_ids, w, "round {round} request {i}");
+        }
+        assert_accounted(&e);
+    }
+    assert!(
+        e.preemptions() > 0,
+        "the cache was meant to force preemption"
+    );
+    assert_eq!(e.free_blocks(), 8);
 }

@@ -66,6 +66,10 @@ pub struct ThroughputBenchArgs {
     /// Multiplies every drawn length (e.g. 0.25 for a CPU-sized run of the same shape).
     #[arg(long = "length-scale", default_value_t = 1.0)]
     pub length_scale: f64,
+    /// Every prompt starts with the same this many random tokens (a shared system prompt)
+    /// before its drawn length; measure prefix caching with `,prefix-caching` in --configs.
+    #[arg(long = "prefix-len", default_value_t = 0)]
+    pub prefix_len: usize,
     /// CPU threads (default: RAYON_NUM_THREADS, else every core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -178,6 +182,7 @@ pub fn run(a: ThroughputBenchArgs) -> Result<(), KvqError> {
         sigma: a.length_sigma,
         scale: a.length_scale,
         session_len: base.engine.session_len,
+        prefix_len: a.prefix_len,
     };
     let mut jobs: Option<Vec<Job>> = None;
     let mut rows = Vec::new();

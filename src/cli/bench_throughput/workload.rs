@@ -34,6 +34,9 @@ pub struct LengthDistribution {
     pub scale: f64,
     /// Prompt plus output never exceed this; a prompt takes at most half of it.
     pub session_len: usize,
+    /// Every prompt starts with the same this many tokens (a shared system prompt, as in
+    /// vLLM's random-prefix benchmark), before its drawn length; 0: none.
+    pub prefix_len: usize,
 }
 
 /// One request of the workload.
@@ -59,6 +62,12 @@ pub fn draw_jobs(
     if d.session_len < 4 {
         return bad(format!("session_len {} is too short", d.session_len));
     }
+    if d.prefix_len >= d.session_len / 2 {
+        return bad(format!(
+            "a shared prefix of {} tokens leaves no room in half of session_len {}",
+            d.prefix_len, d.session_len
+        ));
+    }
     if vocab <= FIRST_ID as usize {
         return bad(format!(
             "a vocabulary of {vocab} leaves no ordinary token ids"
@@ -71,14 +80,18 @@ pub fn draw_jobs(
     let (inputs, outputs) = (log_normal(d.input_mean)?, log_normal(d.output_mean)?);
     let mut rng = StdRng::seed_from_u64(seed);
     let max_input = d.session_len / 2;
+    let random_ids = |rng: &mut StdRng, len: usize| -> Vec<u32> {
+        (0..len)
+            .map(|_| rng.random_range(FIRST_ID..vocab as u32))
+            .collect()
+    };
+    let prefix = random_ids(&mut rng, d.prefix_len);
     Ok((0..n)
         .map(|_| {
             let scaled = |x: f64| (x * d.scale).round().max(1.0) as usize;
-            let input = scaled(inputs.sample(&mut rng)).min(max_input);
-            let output = scaled(outputs.sample(&mut rng)).min(d.session_len - input);
-            let prompt = (0..input)
-                .map(|_| rng.random_range(FIRST_ID..vocab as u32))
-                .collect();
+            let own = scaled(inputs.sample(&mut rng)).min(max_input - d.prefix_len);
+            let output = scaled(outputs.sample(&mut rng)).min(d.session_len - d.prefix_len - own);
+            let prompt = [prefix.clone(), random_ids(&mut rng, own)].concat();
             Job {
                 prompt,
                 output_len: output,
@@ -112,6 +125,7 @@ mod tests {
             sigma: DEFAULT_SIGMA,
             scale,
             session_len,
+            prefix_len: 0,
         }
     }
 
@@ -130,6 +144,26 @@ mod tests {
             assert!(j.output_len >= 1 && j.prompt.len() + j.output_len <= 128);
             assert!(j.prompt.iter().all(|&t| (FIRST_ID..1000).contains(&t)));
         }
+    }
+
+    #[test]
+    fn a_shared_prefix_starts_every_prompt() {
+        let d = LengthDistribution {
+            prefix_len: 40,
+            ..dist(0.5, 256)
+        };
+        let jobs = draw_jobs(&d, 200, 1000, 4).unwrap();
+        for j in &jobs {
+            assert_eq!(j.prompt[..40], jobs[0].prompt[..40]);
+            assert!((41..=128).contains(&j.prompt.len()), "{}", j.prompt.len());
+            assert!(j.prompt.len() + j.output_len <= 256);
+        }
+        assert_ne!(jobs[0].prompt[40..], jobs[1].prompt[40..]);
+        let too_long = LengthDistribution {
+            prefix_len: 128,
+            ..dist(0.5, 256)
+        };
+        assert!(draw_jobs(&too_long, 1, 1000, 4).is_err());
     }
 
     #[test]
