@@ -130,7 +130,8 @@ async fn authenticate(State(s): State<AppState>, req: Request, next: Next) -> Re
 }
 
 /// Liveness and the cache's state: free and total blocks, running and waiting requests,
-/// preemptions and speculative drafts (scored, kept) so far. 503 once the engine has stopped.
+/// preemptions, prompt tokens found in the prefix cache and speculative drafts (scored, kept)
+/// so far. 503 once the engine has stopped.
 async fn health(State(s): State<AppState>) -> Response {
     let st = s.engine.stats();
     let status = if st.alive {
@@ -145,6 +146,7 @@ async fn health(State(s): State<AppState>) -> Response {
         "running": st.running,
         "waiting": st.waiting,
         "preemptions": st.preemptions,
+        "prefix_cache_hit_tokens": st.prefix_hit_tokens,
         "speculative": {
             "drafted": st.spec_drafted,
             "accepted": st.spec_accepted,

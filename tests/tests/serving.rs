@@ -88,3 +88,53 @@ fn preemption_recomputes_without_changing_any_answer() {
     assert!(e.preemptions() > 0, "the cache was meant to run out");
     assert_same(&alone, &together);
 }
+
+/// With prefix caching, prompts behind a shared system prompt reuse its blocks and still give
+/// what they give without the cache, alone and batched (every prompt here is long enough to
+/// take the prompt product path, so the shared K/V are the bytes each would write itself).
+#[test]
+fn prefix_caching_keeps_every_answer() {
+    let Some(model) = default_model() else { return };
+    let mut plain = engine(&model, 0.05, 16);
+    let system = "You are a careful assistant. Answer briefly and precisely, and never make \
+                  up facts you are not sure of. Use plain words, short sentences and no lists \
+                  unless the question asks for one. ";
+    let reqs: Vec<Request> = requests(&plain)
+        .into_iter()
+        .zip(PROMPTS)
+        .map(|(mut r, p)| {
+            r.prompt = plain
+                .tokenizer
+                .encode(&format!("{system}{p}"), false)
+                .unwrap();
+            r
+        })
+        .collect();
+    assert!(reqs.iter().all(|r| r.prompt.len() >= 32));
+    let want: Vec<GenerationOutput> = reqs
+        .iter()
+        .map(|r| {
+            plain
+                .generate(vec![r.clone()], &mut |_| {})
+                .unwrap()
+                .remove(0)
+        })
+        .collect();
+    let mut c = EngineConfig::default();
+    c.model.path = model.display().to_string();
+    c.engine.quant_policy = QuantPolicy::Number(8);
+    c.engine.cache_memory_gib = Some(0.05);
+    c.engine.block_size = 16;
+    c.engine.enable_prefix_caching = true;
+    let mut e = Engine::load(&c, &mut |_| {}).unwrap();
+    let one_by_one: Vec<GenerationOutput> = reqs
+        .iter()
+        .map(|r| e.generate(vec![r.clone()], &mut |_| {}).unwrap().remove(0))
+        .collect();
+    assert_same(&want, &one_by_one);
+    // Every request after the first found the system prompt's full blocks.
+    assert!(e.prefix_hit_tokens() >= 9 * 32, "{}", e.prefix_hit_tokens());
+    let together = e.generate(reqs, &mut |_| {}).unwrap();
+    assert_same(&want, &together);
+    assert_eq!(e.free_blocks(), e.plan.num_blocks, "blocks leaked");
+}

@@ -89,6 +89,8 @@ pub struct EngineStats {
     pub waiting: usize,
     /// Preemptions since start (a running request's blocks freed for recomputation).
     pub preemptions: u64,
+    /// Prompt tokens found in the prefix cache since start (not computed).
+    pub prefix_hit_tokens: u64,
     /// Speculative draft tokens scored since start.
     pub spec_drafted: u64,
     /// Of those, drafts kept.
@@ -130,6 +132,7 @@ struct Shared {
     running: AtomicUsize,
     waiting: AtomicUsize,
     preemptions: AtomicU64,
+    prefix_hit_tokens: AtomicU64,
     spec_drafted: AtomicU64,
     spec_accepted: AtomicU64,
     alive: AtomicBool,
@@ -143,6 +146,8 @@ impl Shared {
         self.waiting.store(engine.num_waiting(), Ordering::Relaxed);
         self.preemptions
             .store(engine.preemptions(), Ordering::Relaxed);
+        self.prefix_hit_tokens
+            .store(engine.prefix_hit_tokens(), Ordering::Relaxed);
         let spec = engine.speculation();
         self.spec_drafted.store(spec.drafted, Ordering::Relaxed);
         self.spec_accepted.store(spec.accepted, Ordering::Relaxed);
@@ -181,6 +186,7 @@ impl EngineHandle {
             running: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             preemptions: AtomicU64::new(0),
+            prefix_hit_tokens: AtomicU64::new(0),
             spec_drafted: AtomicU64::new(0),
             spec_accepted: AtomicU64::new(0),
             alive: AtomicBool::new(true),
@@ -230,6 +236,7 @@ impl EngineHandle {
             running: s.running.load(Ordering::Relaxed),
             waiting: s.waiting.load(Ordering::Relaxed),
             preemptions: s.preemptions.load(Ordering::Relaxed),
+            prefix_hit_tokens: s.prefix_hit_tokens.load(Ordering::Relaxed),
             spec_drafted: s.spec_drafted.load(Ordering::Relaxed),
             spec_accepted: s.spec_accepted.load(Ordering::Relaxed),
             alive: s.alive.load(Ordering::Relaxed),

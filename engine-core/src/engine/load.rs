@@ -38,6 +38,7 @@ pub struct Engine {
     pub(super) pool: BlockPool,
     pub(super) sched: Scheduler,
     preempted: u64,
+    prefix_hit_tokens: u64,
     /// A device runner that replaces `model` for forward passes, with its device's name.
     device: Option<(Box<dyn ForwardPass>, String)>,
     speculation: SpeculationStats,
@@ -282,6 +283,7 @@ impl Engine {
             pool,
             sched,
             preempted: 0,
+            prefix_hit_tokens: 0,
             device: None,
             speculation: SpeculationStats::default(),
         }
@@ -369,6 +371,11 @@ impl Engine {
         self.preempted
     }
 
+    /// Prompt tokens found in the prefix cache instead of computed, since loading.
+    pub fn prefix_hit_tokens(&self) -> u64 {
+        self.prefix_hit_tokens
+    }
+
     pub fn has_work(&self) -> bool {
         self.sched.has_work()
     }
@@ -405,6 +412,7 @@ impl Engine {
             events,
         )?;
         self.preempted += stats.preempted as u64;
+        self.prefix_hit_tokens += stats.prefix_hit_tokens as u64;
         self.speculation.drafted += stats.drafted as u64;
         self.speculation.accepted += stats.accepted as u64;
         Ok(stats)

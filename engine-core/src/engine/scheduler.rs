@@ -92,15 +92,16 @@ impl Sequence {
     /// longest cached prefix and counts their tokens as computed; at least one token is left
     /// to compute (its logits are needed). A request still to score its prompt takes none:
     /// it needs every prompt row.
-    fn share_cached_prefix(&mut self, pool: &mut BlockPool, block_size: usize) {
+    fn share_cached_prefix(&mut self, pool: &mut BlockPool, block_size: usize) -> usize {
         if !pool.caches_prefixes() || !self.table.blocks.is_empty() || self.scores_prompt_from(0) {
-            return;
+            return 0;
         }
         let blocks = (self.tokens.len() - 1) / block_size;
         PrefixKey::extend(&mut self.block_keys, &self.tokens, block_size, blocks);
         let shared = self.table.share_prefix(pool, &self.block_keys[..blocks]);
         self.cached = shared * block_size;
         self.registered = shared;
+        self.cached
     }
 
     /// Indexes the blocks that are now full of computed K/V in the pool's prefix cache.
@@ -249,6 +250,8 @@ pub struct StepStats {
     pub drafted: usize,
     /// Drafts equal to the token the sampler picked at their position (kept).
     pub accepted: usize,
+    /// Tokens of admitted requests found in the prefix cache (not computed).
+    pub prefix_hit_tokens: usize,
 }
 
 /// Holds waiting and running sequences and advances them one forward pass at a time.
@@ -422,15 +425,19 @@ impl Scheduler {
 
     /// Admits waiting sequences while blocks and batch slots allow (first come, first served:
     /// a request that does not fit blocks the ones behind it).
-    fn admit(&mut self, pool: &mut BlockPool, block_size: usize) -> Result<(), KvqError> {
+    /// Moves waiting requests into the running batch while blocks and batch slots allow;
+    /// returns the tokens they found in the prefix cache.
+    fn admit(&mut self, pool: &mut BlockPool, block_size: usize) -> Result<usize, KvqError> {
+        let mut hits = 0;
         while self.running.len() < self.limits.max_batch_size {
             let Some(seq) = self.waiting.front_mut() else {
                 break;
             };
             // A recent window must see every token computed: no sharing with one.
-            if self.window.is_none() {
-                seq.share_cached_prefix(pool, block_size);
-            }
+            let shared = match self.window {
+                None => seq.share_cached_prefix(pool, block_size),
+                Some(_) => 0,
+            };
             if seq
                 .table
                 .reserve(pool, seq.tokens.len() + 1, block_size)
@@ -441,6 +448,7 @@ impl Scheduler {
                 (seq.cached, seq.registered) = (0, 0);
                 break;
             }
+            hits += shared;
             let mut seq = self.waiting.pop_front().expect("front exists");
             let slot = self.free_window_slot();
             seq.window = self
@@ -449,7 +457,7 @@ impl Scheduler {
                 .map(|w| Mutex::new(w.with_device_slot(slot)));
             self.running.push(seq);
         }
-        Ok(())
+        Ok(hits)
     }
 
     /// The lowest device window slot no running sequence holds (fewer than `max_batch_size`
@@ -521,8 +529,10 @@ impl Scheduler {
         events: &mut Vec<TokenEvent>,
     ) -> Result<StepStats, KvqError> {
         let block_size = cache.block_size();
-        let mut stats = StepStats::default();
-        self.admit(pool, block_size)?;
+        let mut stats = StepStats {
+            prefix_hit_tokens: self.admit(pool, block_size)?,
+            ..Default::default()
+        };
         // Every running sequence needs room for its pending tokens.
         let mut i = 0;
         while i < self.running.len() {

@@ -918,6 +918,7 @@ fn prefix_caching_skips_shared_blocks_and_keeps_the_tokens() {
         // 43-token prompts: the first computes all of them, the others skip two full blocks.
         assert_eq!(plain_prefill, 3 * 43);
         assert_eq!(cached_prefill, 43 + 2 * (43 - 32));
+        assert_eq!(e.prefix_hit_tokens(), 2 * 32);
         // 51 tokens each, 50 with K/V: the two shared blocks stay cached, and each request's
         // own full third block too.
         assert_eq!(e.pool.num_cached_idle(), 2 + 3);

@@ -127,6 +127,8 @@ struct Row {
     tpot_ms: Summary,
     itl_ms: Summary,
     preemptions: u64,
+    /// Prompt tokens found in the prefix cache (with `,prefix-caching`).
+    prefix_hit_tokens: u64,
     /// Most requests running at once (sampled at every token event).
     peak_running: usize,
     speculative: Speculative,
@@ -439,6 +441,7 @@ fn summarize(
         tpot_ms: tpot,
         itl_ms: itl,
         preemptions: after.preemptions - before.preemptions,
+        prefix_hit_tokens: after.prefix_hit_tokens - before.prefix_hit_tokens,
         peak_running,
         speculative: Speculative {
             num_draft_tokens: info.num_speculative_tokens,
@@ -456,10 +459,10 @@ fn summarize(
 /// The results as a table: one line per configuration.
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<10} {:>6} {:<12} {:>3} {:>7} {:>9} {:>6} {:>8} {:>9} {:>9} {:>22} {:>22} {:>22} {:>5} {:>7} {:>11}",
+        "{:<10} {:>6} {:<12} {:>3} {:>7} {:>9} {:>6} {:>8} {:>9} {:>9} {:>22} {:>22} {:>22} {:>5} {:>7} {:>10} {:>11}",
         "backend", "policy", "codec", "tp", "blocks", "tokens", "x fp16", "req/s", "in tok/s",
         "out tok/s", "TTFT ms mean/p50/p99", "TPOT ms mean/p50/p99", "ITL ms mean/p50/p99",
-        "peak", "preempt", "spec acc"
+        "peak", "preempt", "prefix hit", "spec acc"
     );
     let lat = |s: &Summary| format!("{:.0}/{:.0}/{:.0}", s.mean, s.p50, s.p99);
     for r in rows {
@@ -474,7 +477,7 @@ fn print_table(rows: &[Row]) {
             )
         };
         println!(
-            "{:<10} {:>6} {:<12} {:>3} {:>7} {:>9} {:>6.2} {:>8.2} {:>9.1} {:>9.1} {:>22} {:>22} {:>22} {:>5} {:>7} {:>11}",
+            "{:<10} {:>6} {:<12} {:>3} {:>7} {:>9} {:>6.2} {:>8.2} {:>9.1} {:>9.1} {:>22} {:>22} {:>22} {:>5} {:>7} {:>10} {:>11}",
             r.backend,
             r.policy.map_or("-".into(), |p| p.to_string()),
             r.codec,
@@ -490,6 +493,7 @@ fn print_table(rows: &[Row]) {
             lat(&r.itl_ms),
             r.peak_running,
             r.preemptions,
+            r.prefix_hit_tokens,
             spec
         );
     }
