@@ -81,6 +81,14 @@ async fn post(app: &Router, uri: &str, body: Value) -> (StatusCode, Value) {
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+/// Posts a streamed request; checks a 200 and returns the JSON chunks of its SSE body.
+async fn post_stream(app: &Router, uri: &str, body: Value) -> Vec<Value> {
+    let (status, ctype, sse) = send(app, Method::POST, uri, &body.to_string(), None).await;
+    assert_eq!(status, StatusCode::OK, "{sse}");
+    assert!(ctype.starts_with("text/event-stream"), "{ctype}");
+    sse_chunks(&sse)
+}
+
 /// The JSON chunks of an SSE body, checking it ends with `data: [DONE]`.
 fn sse_chunks(body: &str) -> Vec<Value> {
     let events: Vec<&str> = body
@@ -136,17 +144,7 @@ fn chat_completion_whole_and_streamed_agree() {
         );
 
         let body = chat_body(json!({"stream": true, "stream_options": {"include_usage": true}}));
-        let (status, ctype, sse) = send(
-            &app,
-            Method::POST,
-            "/v1/chat/completions",
-            &body.to_string(),
-            None,
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK);
-        assert!(ctype.starts_with("text/event-stream"), "{ctype}");
-        let chunks = sse_chunks(&sse);
+        let chunks = post_stream(&app, "/v1/chat/completions", body).await;
         assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
         assert!(chunks
             .iter()
@@ -186,15 +184,9 @@ fn completions_honour_stop_strings_and_token_prompts() {
         assert_eq!(cut["choices"][0]["text"], text[..at], "stop {stop:?} in {text:?}");
         assert_eq!(cut["choices"][0]["finish_reason"], "stop");
 
-        let (_, _, sse) = send(
-            &app,
-            Method::POST,
-            "/v1/completions",
-            &body(json!({"stream": true, "stop": format!(" {stop}")})).to_string(),
-            None,
-        )
-        .await;
-        let streamed: String = sse_chunks(&sse)
+        let stream = body(json!({"stream": true, "stop": format!(" {stop}")}));
+        let streamed: String = post_stream(&app, "/v1/completions", stream)
+            .await
             .iter()
             .filter_map(|c| c["choices"][0]["text"].as_str())
             .collect();
@@ -265,8 +257,7 @@ fn chat_choices_and_logprobs_whole_and_streamed() {
         body.as_object_mut()
             .unwrap()
             .extend(stream.as_object().unwrap().clone());
-        let (_, _, sse) = send(&app, Method::POST, chat, &body.to_string(), None).await;
-        let chunks = sse_chunks(&sse);
+        let chunks = post_stream(&app, chat, body).await;
         for (i, c) in choices.iter().enumerate() {
             let mine: Vec<&Value> = chunks
                 .iter()
@@ -365,15 +356,7 @@ fn completions_logprobs_line_up_with_the_text() {
 
         let mut stream = body;
         stream["stream"] = json!(true);
-        let (_, _, sse) = send(
-            &app,
-            Method::POST,
-            "/v1/completions",
-            &stream.to_string(),
-            None,
-        )
-        .await;
-        let chunks = sse_chunks(&sse);
+        let chunks = post_stream(&app, "/v1/completions", stream).await;
         let streamed: Vec<Value> = chunks
             .iter()
             .map(|c| &c["choices"][0]["logprobs"])
@@ -425,15 +408,7 @@ fn completions_take_several_prompts() {
         assert_eq!(both["usage"]["prompt_tokens"], prompt_tokens);
 
         let stream = json!({"stream": true, "stream_options": {"include_usage": true}});
-        let (_, _, sse) = send(
-            &app,
-            Method::POST,
-            "/v1/completions",
-            &body(json!(prompts), stream).to_string(),
-            None,
-        )
-        .await;
-        let chunks = sse_chunks(&sse);
+        let chunks = post_stream(&app, "/v1/completions", body(json!(prompts), stream)).await;
         let mut streamed = vec![String::new(); 4];
         for c in chunks.iter().flat_map(|c| c["choices"].as_array().unwrap()) {
             streamed[c["index"].as_u64().unwrap() as usize] += c["text"].as_str().unwrap();
@@ -583,16 +558,7 @@ fn completions_echo_scores_the_prompt() {
         // Streamed, the echo comes first, and the chunks add up to the whole answer.
         let mut stream = body(json!(scored), true);
         stream["stream"] = json!(true);
-        let (status, _, sse) = send(
-            &app,
-            Method::POST,
-            "/v1/completions",
-            &stream.to_string(),
-            None,
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK);
-        let chunks = sse_chunks(&sse);
+        let chunks = post_stream(&app, "/v1/completions", stream).await;
         let text: String = chunks
             .iter()
             .filter_map(|c| c["choices"][0]["text"].as_str())
