@@ -443,7 +443,12 @@ num_speculative_tokens = 4
     #[test]
     fn prefix_caching_parses_and_refuses_a_recent_window() {
         let on = "[engine]\nenable_prefix_caching = true\n";
-        assert!(EngineConfig::from_toml_str(on).unwrap().engine.enable_prefix_caching);
+        assert!(
+            EngineConfig::from_toml_str(on)
+                .unwrap()
+                .engine
+                .enable_prefix_caching
+        );
         let err = EngineConfig::from_toml_str(&format!("{on}recent_window = 16\n")).unwrap_err();
         assert!(err.to_string().contains("enable_prefix_caching"), "{err}");
     }

@@ -365,9 +365,9 @@ impl Scheduler {
         )
     }
 
-    /// Blocks held by waiting and running sequences (for accounting checks).
+    /// Distinct blocks held by waiting and running sequences (a shared prefix block counts
+    /// once), for accounting checks.
     #[cfg(test)]
-    /// Distinct blocks the sequences hold (a shared prefix block counts once).
     pub(super) fn held_blocks(&self) -> usize {
         let held: std::collections::HashSet<u32> = self
             .waiting
@@ -424,9 +424,8 @@ impl Scheduler {
     }
 
     /// Admits waiting sequences while blocks and batch slots allow (first come, first served:
-    /// a request that does not fit blocks the ones behind it).
-    /// Moves waiting requests into the running batch while blocks and batch slots allow;
-    /// returns the tokens they found in the prefix cache.
+    /// a request that does not fit blocks the ones behind it); returns the tokens they found
+    /// in the prefix cache.
     fn admit(&mut self, pool: &mut BlockPool, block_size: usize) -> Result<usize, KvqError> {
         let mut hits = 0;
         while self.running.len() < self.limits.max_batch_size {
