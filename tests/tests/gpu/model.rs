@@ -838,3 +838,119 @@ fn tensor_parallel_engine_generates_tp1_tokens() {
         failures.join("\n")
     );
 }
+
+/// Greedy token agreement of `b` with `a`: tokens before the first difference, summed, and
+/// the total.
+fn tokens_before_first_difference(a: &[Vec<u32>], b: &[Vec<u32>]) -> (usize, usize) {
+    let total = a.iter().map(Vec::len).sum();
+    let same = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| x.iter().zip(y).take_while(|(p, q)| p == q).count())
+        .sum();
+    (same, total)
+}
+
+/// The engine's scheduler features on the GPU runner, on a random 4-layer SmolLM2-shaped
+/// model, per backend and policy: prefix caching (requests behind a shared 80-token prefix
+/// find it in the cache, one by one and batched, and their greedy tokens follow the engine
+/// without it; every block comes back) and prompt log-probabilities (one per prompt token
+/// after the first, close to the CPU engine's, without changing the generated tokens). A
+/// quantized cache may break a near tie between differently batched passes, so at least 90%
+/// of the tokens must come before the first difference.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_engine_prefix_caching_and_prompt_logprobs() {
+    let seed = fresh_seed("gpu prefix caching and prompt logprobs");
+    let spec = smollm2_shape(4);
+    let model = random_model(&spec, seed, std::convert::identity);
+    let prefix = random_prompts(seed ^ 3, &[80], spec.vocab_size).remove(0);
+    let prompts: Vec<Vec<u32>> = random_prompts(seed ^ 4, &[20, 45, 7], spec.vocab_size)
+        .into_iter()
+        .map(|own| [prefix.clone(), own].concat())
+        .collect();
+    let engine = |backend: &str, policy: u32, device: &str, prefix_caching: bool| {
+        let mut c = config(backend, policy, device);
+        c.engine.cache_memory_gib = Some(0.25);
+        c.engine.block_size = 16;
+        c.engine.enable_prefix_caching = prefix_caching;
+        let tokenizer = Tokenizer::synthetic(spec.vocab_size).unwrap();
+        Engine::from_model(&c, spec.clone(), model.clone(), tokenizer)
+            .unwrap_or_else(|e| panic!("{backend}:{policy} {device}: {e}"))
+    };
+    let ids = |outs: Vec<engine_core::engine::GenerationOutput>| -> Vec<Vec<u32>> {
+        outs.into_iter().map(|o| o.token_ids).collect()
+    };
+    let mut failures = Vec::new();
+    for (backend, policy) in configs() {
+        let label = format!("{backend}:{policy}");
+        let reqs = greedy_requests(prompts.clone(), 24);
+        let mut plain = engine(backend, policy, "cuda", false);
+        let want = ids(plain.generate(reqs.clone(), &mut |_| {}).unwrap());
+
+        let mut cached = engine(backend, policy, "cuda", true);
+        let mut one_by_one = Vec::new();
+        for r in &reqs {
+            one_by_one.extend(ids(cached.generate(vec![r.clone()], &mut |_| {}).unwrap()));
+        }
+        let together = ids(cached.generate(reqs.clone(), &mut |_| {}).unwrap());
+        assert!(
+            cached.prefix_hit_tokens() >= 2 * 80 - 2 * 16,
+            "{label}: {} prefix tokens from the cache",
+            cached.prefix_hit_tokens()
+        );
+        assert_eq!(
+            cached.free_blocks(),
+            cached.plan.num_blocks,
+            "{label}: blocks leaked"
+        );
+        for (what, got) in [("one by one", &one_by_one), ("batched", &together)] {
+            let (same, total) = tokens_before_first_difference(&want, got);
+            eprintln!("engine {label} prefix caching {what}: {same}/{total} tokens as without");
+            if 10 * same < 9 * total {
+                failures.push(format!("{label} prefix caching {what}: {same}/{total}"));
+            }
+        }
+
+        let scored: Vec<Request> = reqs
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r.params.prompt_logprobs = Some(1);
+                r
+            })
+            .collect();
+        let gpu = plain.generate(scored.clone(), &mut |_| {}).unwrap();
+        let cpu = engine(backend, policy, "cpu", false)
+            .generate(scored, &mut |_| {})
+            .unwrap();
+        let (same, total) = tokens_before_first_difference(&want, &ids(gpu.clone()));
+        if 10 * same < 9 * total {
+            failures.push(format!("{label} with prompt logprobs: {same}/{total}"));
+        }
+        for ((g, c), r) in gpu.iter().zip(&cpu).zip(&reqs) {
+            let (g, c) = (
+                g.prompt_logprobs.as_ref().unwrap(),
+                c.prompt_logprobs.as_ref().unwrap(),
+            );
+            assert_eq!(g.len(), r.prompt.len() - 1, "{label}");
+            assert!(g
+                .iter()
+                .zip(&r.prompt[1..])
+                .all(|(lp, &t)| lp.token == t && lp.logprob.is_finite() && lp.logprob <= 0.0));
+            let mean_diff = g
+                .iter()
+                .zip(c)
+                .map(|(a, b)| f64::from((a.logprob - b.logprob).abs()))
+                .sum::<f64>()
+                / g.len() as f64;
+            eprintln!("engine {label} prompt logprobs: mean |GPU - CPU| {mean_diff:.4}");
+            if mean_diff > 0.1 {
+                failures.push(format!(
+                    "{label} prompt logprobs: mean |GPU - CPU| {mean_diff}"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "seed {seed}:\n{}", failures.join("\n"));
+}
