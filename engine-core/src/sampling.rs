@@ -259,8 +259,13 @@ impl TokenLogprobs {
                 .get(t as usize)
                 .map_or(f32::NEG_INFINITY, |&l| clean(l) - log_z)
         };
-        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-        let n = n.min(order.len());
+        // Only a request for alternatives pays for ordering the vocabulary.
+        let n = n.min(logits.len());
+        let mut order: Vec<u32> = if n > 0 {
+            (0..logits.len() as u32).collect()
+        } else {
+            Vec::new()
+        };
         let by_logit = |a: &u32, b: &u32| {
             clean(logits[*b as usize])
                 .total_cmp(&clean(logits[*a as usize]))

@@ -337,7 +337,7 @@ impl Reply {
                                 entries = prompt_entries(p, scored);
                             }
                             entries.extend(lp.iter().map(Entry::Scored));
-                            self.completion_logprobs(&entries, 0)
+                            self.completion_logprobs(&entries, &mut 0)
                         });
                         json!({
                             "index": index,
@@ -456,15 +456,14 @@ impl Reply {
     fn echo_chunk(&self, index: usize, first: &TokenEvent, progress: &mut StreamProgress) -> Value {
         progress.echoed[index] = true;
         let prompt = &self.prompts[index / self.n];
+        // Offsets matter only with log-probabilities; the echo's start the choice's count.
         let logprobs = match (&first.logprobs, &first.prompt_logprobs) {
-            (Some(_), Some(scored)) => self.completion_logprobs(&prompt_entries(prompt, scored), 0),
+            (Some(_), Some(scored)) => {
+                let entries = prompt_entries(prompt, scored);
+                self.completion_logprobs(&entries, &mut progress.text_offsets[index])
+            }
             _ => Value::Null,
         };
-        progress.text_offsets[index] = prompt
-            .ids
-            .iter()
-            .map(|&id| self.token_text(id).chars().count())
-            .sum();
         self.chunk(self.choice(index, Some(&prompt.text), None, logprobs))
     }
 
@@ -481,12 +480,13 @@ impl Reply {
             return (!t.text.is_empty())
                 .then(|| self.chunk(self.choice(index, Some(&t.text), None, Value::Null)));
         };
-        let offset = progress.text_offsets[index];
         let logprobs = match self.kind {
             Kind::Chat => self.chat_logprobs(std::slice::from_ref(lp)),
-            Kind::Completion { .. } => self.completion_logprobs(&[Entry::Scored(lp)], offset),
+            Kind::Completion { .. } => {
+                let offset = &mut progress.text_offsets[index];
+                self.completion_logprobs(&[Entry::Scored(lp)], offset)
+            }
         };
-        progress.text_offsets[index] += self.token_text(lp.token).chars().count();
         Some(self.chunk(self.choice(index, Some(&t.text), None, logprobs)))
     }
 
@@ -517,8 +517,8 @@ impl Reply {
 
     /// The completions API's log-probabilities: parallel lists `tokens`, `token_logprobs`,
     /// `top_logprobs` (null where a token was not scored) and `text_offset`, counted in
-    /// characters from `offset`.
-    fn completion_logprobs(&self, entries: &[Entry<'_>], mut offset: usize) -> Value {
+    /// characters from `offset`, which is moved past the entries' text.
+    fn completion_logprobs(&self, entries: &[Entry<'_>], offset: &mut usize) -> Value {
         let (mut tokens, mut token_logprobs, mut tops, mut offsets) =
             (vec![], vec![], vec![], vec![]);
         for entry in entries {
@@ -527,8 +527,8 @@ impl Reply {
                 Entry::Unscored(id) => (id, None),
             };
             let text = self.token_text(id);
-            offsets.push(offset);
-            offset += text.chars().count();
+            offsets.push(*offset);
+            *offset += text.chars().count();
             tokens.push(text);
             token_logprobs.push(scored.map(|lp| lp.logprob.max(LOGPROB_FLOOR)));
             tops.push(scored.map(|lp| {

@@ -109,17 +109,22 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// `base` with the fields of `extra` added (or replaced).
+fn with(mut base: Value, extra: Value) -> Value {
+    base.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    base
+}
+
 fn chat_body(extra: Value) -> Value {
-    let mut b = json!({
+    let base = json!({
         "model": MODEL,
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "max_tokens": 12,
         "temperature": 0,
     });
-    b.as_object_mut()
-        .unwrap()
-        .extend(extra.as_object().unwrap().clone());
-    b
+    with(base, extra)
 }
 
 #[test]
@@ -169,9 +174,9 @@ fn completions_honour_stop_strings_and_token_prompts() {
     let Some(app) = app(&[]) else { return };
     rt().block_on(async {
         let body = |extra: Value| {
-            let mut b = json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 10, "temperature": 0});
-            b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-            b
+            let base = json!({"model": MODEL, "prompt": "The capital of France is",
+                "max_tokens": 10, "temperature": 0});
+            with(base, extra)
         };
         let (status, full) = post(&app, "/v1/completions", body(json!({}))).await;
         assert_eq!(status, StatusCode::OK, "{full}");
@@ -179,9 +184,18 @@ fn completions_honour_stop_strings_and_token_prompts() {
         let text = full["choices"][0]["text"].as_str().unwrap().to_string();
         // Stop at the second word of the answer.
         let stop = text.split(' ').nth(2).expect("three words");
-        let (_, cut) = post(&app, "/v1/completions", body(json!({"stop": [format!(" {stop}")]}))).await;
+        let (_, cut) = post(
+            &app,
+            "/v1/completions",
+            body(json!({"stop": [format!(" {stop}")]})),
+        )
+        .await;
         let at = text.find(&format!(" {stop}")).unwrap();
-        assert_eq!(cut["choices"][0]["text"], text[..at], "stop {stop:?} in {text:?}");
+        assert_eq!(
+            cut["choices"][0]["text"],
+            text[..at],
+            "stop {stop:?} in {text:?}"
+        );
         assert_eq!(cut["choices"][0]["finish_reason"], "stop");
 
         let stream = body(json!({"stream": true, "stop": format!(" {stop}")}));
@@ -192,7 +206,12 @@ fn completions_honour_stop_strings_and_token_prompts() {
             .collect();
         assert_eq!(streamed, text[..at]);
 
-        let (status, ids) = post(&app, "/v1/completions", body(json!({"prompt": [504, 3575, 282]}))).await;
+        let (status, ids) = post(
+            &app,
+            "/v1/completions",
+            body(json!({"prompt": [504, 3575, 282]})),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK, "{ids}");
         assert_eq!(ids["usage"]["prompt_tokens"], 3);
     });
@@ -253,11 +272,7 @@ fn chat_choices_and_logprobs_whole_and_streamed() {
         );
 
         let stream = json!({"stream": true, "stream_options": {"include_usage": true}});
-        let mut body = body;
-        body.as_object_mut()
-            .unwrap()
-            .extend(stream.as_object().unwrap().clone());
-        let chunks = post_stream(&app, chat, body).await;
+        let chunks = post_stream(&app, chat, with(body, stream)).await;
         for (i, c) in choices.iter().enumerate() {
             let mine: Vec<&Value> = chunks
                 .iter()
@@ -375,12 +390,9 @@ fn completions_take_several_prompts() {
     rt().block_on(async {
         let prompts = ["The capital of France is", "The capital of Italy is"];
         let body = |prompt: Value, extra: Value| {
-            let mut b = json!({"model": MODEL, "prompt": prompt, "max_tokens": 6,
+            let base = json!({"model": MODEL, "prompt": prompt, "max_tokens": 6,
                 "temperature": 0, "n": 2});
-            b.as_object_mut()
-                .unwrap()
-                .extend(extra.as_object().unwrap().clone());
-            b
+            with(base, extra)
         };
         let mut alone = Vec::new();
         let mut prompt_tokens = 0;
@@ -425,12 +437,9 @@ fn completions_best_of_keeps_the_most_likely_candidates() {
     let Some(app) = app(&[]) else { return };
     rt().block_on(async {
         let body = |extra: Value| {
-            let mut b = json!({"model": MODEL, "prompt": "My favourite colour is",
+            let base = json!({"model": MODEL, "prompt": "My favourite colour is",
                 "max_tokens": 8, "temperature": 1.2, "seed": 3});
-            b.as_object_mut()
-                .unwrap()
-                .extend(extra.as_object().unwrap().clone());
-            b
+            with(base, extra)
         };
         let (status, all) = post(
             &app,

@@ -811,12 +811,7 @@ fn tensor_parallel_engine_generates_tp1_tokens() {
         let one = generate(backend, policy, 1);
         for &tp in &tps {
             let split = generate(backend, policy, tp);
-            let total: usize = one.iter().map(Vec::len).sum();
-            let same: usize = one
-                .iter()
-                .zip(&split)
-                .map(|(a, b)| a.iter().zip(b).take_while(|(x, y)| x == y).count())
-                .sum();
+            let (same, total) = tokens_before_first_difference(&one, &split);
             eprintln!(
                 "engine {backend}:{policy} tp {tp}: {same}/{total} greedy tokens as tp 1's \
                  before the first difference (seed {seed})"
